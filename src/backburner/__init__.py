@@ -1,0 +1,3 @@
+"""backburner: the slow lane for LLM inference."""
+
+__version__ = "0.1.0"

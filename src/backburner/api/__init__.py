@@ -1,0 +1,1 @@
+"""HTTP: the FastAPI app factory, thin routers, error mapping and auth."""

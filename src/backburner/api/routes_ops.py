@@ -1,0 +1,48 @@
+"""Health, readiness and metrics (SPEC section 7)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from backburner import __version__
+from backburner.api.state import AppState, app_state
+
+
+def ops_router() -> APIRouter:
+    r = APIRouter(tags=["operations"])
+
+    @r.get("/healthz", summary="The process is up")
+    async def healthz() -> Any:
+        return {"status": "ok", "version": __version__}
+
+    @r.get("/readyz", summary="The store and every backend are reachable")
+    async def readyz(st: AppState = Depends(app_state)) -> Any:
+        checks: dict[str, str] = {}
+        ok = True
+        try:
+            await st.store.ping()
+            checks["store"] = "ok"
+        except Exception as exc:
+            ok = False
+            checks["store"] = f"error: {type(exc).__name__}"
+        for name, backend in st.router.backends.items():
+            try:
+                await backend.check()
+                checks[f"backend:{name}"] = "ok"
+            except Exception as exc:
+                ok = False
+                checks[f"backend:{name}"] = f"error: {getattr(exc, 'message', type(exc).__name__)}"
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    @r.get("/metrics", summary="Prometheus metrics")
+    async def metrics(st: AppState = Depends(app_state)) -> Response:
+        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return r

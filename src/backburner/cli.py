@@ -1,0 +1,188 @@
+"""The command line: the composition root for serve, worker, keys and db."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from backburner import __version__
+from backburner.config import Settings, load_settings
+
+app = typer.Typer(help="backburner: the slow lane for LLM inference.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys and tenants.", no_args_is_help=True)
+db_app = typer.Typer(help="The database.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file (or set BACKBURNER_CONFIG)."),
+]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return load_settings(config, **clean)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    no_worker: Annotated[
+        bool, typer.Option("--no-worker", help="Serve the API only; run workers elsewhere.")
+    ] = False,
+) -> None:
+    """Serve the API (and, by default, a worker in the same process)."""
+    import uvicorn
+
+    from backburner.api.app import create_app
+    from backburner.store.migrate import upgrade
+
+    settings = _settings(config, host=host, port=port, run_worker=False if no_worker else None)
+    _logging(settings.log_level)
+    upgrade(settings.database_url)
+    uvicorn.run(
+        create_app(settings, migrate=False),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=15,
+    )
+
+
+@app.command()
+def worker(
+    config: ConfigOpt = None,
+    burst: Annotated[bool, typer.Option(help="Drain what is queued now, then exit.")] = False,
+) -> None:
+    """Run a worker against the configured database (on this or another machine)."""
+    from backburner.api.app import build_router, worker_options
+    from backburner.metrics import Metrics
+    from backburner.scheduler import Worker
+    from backburner.store import Store
+    from backburner.store.migrate import upgrade
+
+    settings = _settings(config)
+    _logging(settings.log_level)
+    upgrade(settings.database_url)
+
+    async def main() -> None:
+        store = Store(settings.database_url)
+        router = build_router(settings)
+        await router.start()
+        w = Worker(store, router, worker_options(settings), metrics=Metrics())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(w.stop()))
+        try:
+            await w.run(burst=burst)
+        finally:
+            await router.close()
+            await store.close()
+
+    asyncio.run(main())
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to.")],
+    name: Annotated[str | None, typer.Option(help="A label for the key.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    from backburner.store import Store
+    from backburner.store.migrate import upgrade
+
+    settings = _settings(config)
+    upgrade(settings.database_url)
+
+    async def main() -> str:
+        store = Store(settings.database_url)
+        try:
+            _, key = await store.create_key(tenant, name)
+        finally:
+            await store.close()
+        return key
+
+    typer.echo(asyncio.run(main()))
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOpt = None) -> None:
+    """List API keys (prefixes only)."""
+    from backburner.store import Store
+    from backburner.store.migrate import upgrade
+
+    settings = _settings(config)
+    upgrade(settings.database_url)
+
+    async def main() -> list[dict[str, Any]]:
+        store = Store(settings.database_url)
+        try:
+            return await store.list_keys()
+        finally:
+            await store.close()
+
+    table = Table("id", "tenant", "prefix", "name", "created", "revoked")
+    for k in asyncio.run(main()):
+        table.add_row(k["id"], k["tenant"], k["prefix"] + "...", k["name"] or "",
+                      str(k["created_at"]), str(k["revoked_at"] or ""))
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
+    """Revoke an API key by its id."""
+    from backburner.store import Store
+
+    settings = _settings(config)
+
+    async def main() -> bool:
+        store = Store(settings.database_url)
+        try:
+            return await store.revoke_key(key_id)
+        finally:
+            await store.close()
+
+    if not asyncio.run(main()):
+        typer.echo(f"no active key with id {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None) -> None:
+    """Apply database migrations."""
+    from backburner.store.migrate import upgrade
+
+    settings = _settings(config)
+    upgrade(settings.database_url)
+    typer.echo("database is at the newest schema")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,146 @@
+"""Settings: a TOML file (``--config PATH`` or ``BACKBURNER_CONFIG``) and ``BACKBURNER_*`` variables.
+
+Environment variables win over the file. Nothing here is built at import time: call
+:func:`load_settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
+
+
+class BackendSettings(BaseModel):
+    """One ``[[backends]]`` table."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    type: str = Field(min_length=1, description="openai | llamacpp, or a plugin's entry point name")
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    # Public model names; a table maps a public name to the engine's own name.
+    models: list[str] | dict[str, str] = Field(default_factory=list)
+    max_concurrency: int = Field(default=16, ge=1, le=4096)
+    timeout_seconds: float = Field(default=600.0, gt=0)
+    # llamacpp only
+    model_path: str | None = None
+    n_ctx: int = Field(default=2048, ge=128)
+    n_threads: int | None = None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        # Also accept a list mixing names and one-entry tables: ["a", {public = "engine"}].
+        if isinstance(v, list) and any(isinstance(x, dict) for x in v):
+            merged: dict[str, str] = {}
+            for item in v:
+                if isinstance(item, str):
+                    merged[item] = item
+                elif isinstance(item, dict):
+                    merged.update({str(k): str(val) for k, val in item.items()})
+                else:
+                    raise ValueError("models entries must be names or {public = engine} tables")
+            return merged
+        return v
+
+    def model_map(self) -> dict[str, str]:
+        """Public model name -> the name the engine knows it by."""
+        if isinstance(self.models, dict):
+            return dict(self.models)
+        return {m: m for m in self.models}
+
+
+def default_backends() -> list[BackendSettings]:
+    return [
+        BackendSettings(
+            name="local", type="llamacpp", models=[DEFAULT_LOCAL_MODEL], max_concurrency=1
+        )
+    ]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BACKBURNER_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    database_url: str = "sqlite:///./backburner.db"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    backends: list[BackendSettings] = Field(default_factory=default_backends)
+
+    # auth: "auto" runs open as tenant "default" when no key exists and the server is loopback-only
+    auth: Literal["auto", "required", "disabled"] = "auto"
+
+    # scheduler
+    run_worker: bool = True
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    expiry_seconds: float = Field(default=72 * 3600, gt=0)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    poll_interval_seconds: float = Field(default=0.2, gt=0)
+    retry_base_seconds: float = Field(default=1.0, ge=0)
+    retry_cap_seconds: float = Field(default=60.0, ge=0)
+    maintenance_interval_seconds: float = Field(default=5.0, gt=0)
+
+    # api
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    idempotency_ttl_seconds: float = Field(default=24 * 3600, gt=0)
+    log_level: str = "info"
+
+    config_file: str | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("BACKBURNER_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _unique_backends(self) -> Settings:
+        names = [b.name for b in self.backends]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"backend names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``config`` (or ``BACKBURNER_CONFIG``), the environment and overrides."""
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        old = os.environ.get("BACKBURNER_CONFIG")
+        os.environ["BACKBURNER_CONFIG"] = str(path)
+        try:
+            return Settings(**overrides)
+        finally:
+            if old is None:
+                del os.environ["BACKBURNER_CONFIG"]
+            else:
+                os.environ["BACKBURNER_CONFIG"] = old
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""Pure domain logic: states, transitions, ids, retry policy, clock."""

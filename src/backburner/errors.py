@@ -1,0 +1,111 @@
+"""One error tree for backburner.
+
+    BackburnerError
+    ├── InvalidRequest          400  bad input; names the field in ``param``
+    ├── Unauthorized            401
+    ├── NotFound                404  unknown id, or another tenant's object
+    ├── Conflict                409  idempotency key reused with another body, finished generation
+    ├── PayloadTooLarge         413
+    ├── ServiceUnavailable      503
+    └── BackendError            an inference engine failed
+        ├── BackendRetryable    5xx, timeout, connection: try again later
+        └── BackendRejected     4xx: the request itself is bad, never retried
+
+Each class's docstring is its default message; ``retryable`` is a class attribute, never parsed
+from a string.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class BackburnerError(Exception):
+    """Something went wrong."""
+
+    status_code: ClassVar[int] = 500
+    error_type: ClassVar[str] = "server_error"
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self, message: str | None = None, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        self.message = message or (self.__doc__ or "").strip()
+        self.param = param
+        self.code = code
+        super().__init__(self.message)
+
+
+class InvalidRequest(BackburnerError):
+    """The request is invalid."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class Unauthorized(BackburnerError):
+    """Missing or invalid API key. Send 'Authorization: Bearer <key>'."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFound(BackburnerError):
+    """No such object."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+
+class Conflict(BackburnerError):
+    """The request conflicts with the current state."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+
+
+class PayloadTooLarge(BackburnerError):
+    """The request body is larger than this server accepts."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+
+
+class ServiceUnavailable(BackburnerError):
+    """The service is not ready."""
+
+    status_code = 503
+    error_type = "server_error"
+
+
+class BackendError(BackburnerError):
+    """The inference backend failed."""
+
+    status_code = 502
+    error_type = "server_error"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        upstream_status: int | None = None,
+        body: Any = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.upstream_status = upstream_status
+        self.body = body
+
+
+class BackendRetryable(BackendError):
+    """The inference backend is unavailable (5xx, timeout or connection error)."""
+
+    retryable = True
+
+
+class BackendRejected(BackendError):
+    """The inference backend rejected the request."""
+
+    status_code = 400
+    error_type = "invalid_request_error"

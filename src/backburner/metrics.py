@@ -1,0 +1,38 @@
+"""Prometheus metrics, built on a registry the composition root owns (nothing at import time)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.submitted = Counter(
+            "backburner_generations_submitted", "Slow generations accepted", ["kind"], registry=r
+        )
+        self.finished = Counter(
+            "backburner_generations_finished",
+            "Generations that reached a terminal state",
+            ["state"],
+            registry=r,
+        )
+        self.retried = Counter(
+            "backburner_generation_retries", "Retryable backend failures", registry=r
+        )
+        self.backend_seconds = Histogram(
+            "backburner_backend_request_seconds",
+            "Backend call latency",
+            ["backend", "lane"],
+            registry=r,
+        )
+        self.groups_completed = Counter(
+            "backburner_groups_completed", "Groups whose last generation finished", registry=r
+        )
+        self.inflight = Gauge(
+            "backburner_slow_inflight", "Slow generations running in this process", registry=r
+        )
+        self.realtime = Counter(
+            "backburner_realtime_requests", "Realtime requests", ["kind", "status"], registry=r
+        )

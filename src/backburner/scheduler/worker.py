@@ -1,0 +1,273 @@
+"""The worker: one claim loop per backend, a heartbeat, a batching result writer, maintenance.
+
+Flow of one generation: a backend loop takes free slow slots from the backend's gate, claims that
+many generations (a leased compare-and-set in the store), runs each on the backend, and queues the
+outcome; the writer records outcomes in batches; the heartbeat extends leases of everything this
+worker holds until its outcome is written. A worker that dies stops heart-beating; maintenance in
+any worker returns its generations to Queued when their leases run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from backburner.backends.router import ModelRouter
+from backburner.core.clock import utcnow
+from backburner.core.ids import new_id
+from backburner.core.outcome import Outcome
+from backburner.core.retry import Backoff, should_retry
+from backburner.core.states import State, StateMessage
+from backburner.errors import BackendError
+from backburner.metrics import Metrics
+from backburner.schemas.generation import GenerationRecord
+from backburner.store import Store
+
+log = logging.getLogger("backburner.worker")
+
+
+@dataclass
+class WorkerOptions:
+    max_attempts: int = 3
+    lease_seconds: float = 30.0
+    poll_interval: float = 0.2
+    maintenance_interval: float = 5.0
+    backoff: Backoff = field(default_factory=Backoff)
+    claim_batch: int = 64
+    write_batch: int = 256
+    shutdown_grace: float = 10.0
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        router: ModelRouter,
+        options: WorkerOptions | None = None,
+        *,
+        metrics: Metrics | None = None,
+        worker_id: str | None = None,
+        on_groups_completed: Callable[[list[str]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.store = store
+        self.router = router
+        self.opts = options or WorkerOptions()
+        self.metrics = metrics or Metrics()
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+        self.on_groups_completed = on_groups_completed
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._held: set[str] = set()  # claimed and not yet written
+        self._results: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=4096)
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._idle: dict[str, bool] = {}
+
+    def wake(self) -> None:
+        """New work was submitted in this process: claim now instead of at the next poll."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ main
+    async def run(self, *, burst: bool = False) -> None:
+        """Run until :meth:`stop`; with ``burst`` return once nothing is claimable or running."""
+        log.info("worker %s starting (backends: %s)", self.id, ", ".join(self.router.backends))
+        writer = asyncio.create_task(self._writer(), name="bb-writer")
+        beat = asyncio.create_task(self._heartbeat(), name="bb-heartbeat")
+        maint = None if burst else asyncio.create_task(self._maintenance(), name="bb-maint")
+        loops = [
+            asyncio.create_task(self._backend_loop(name, burst), name=f"bb-loop-{name}")
+            for name, models in self.router.models_by_backend.items()
+            if models
+        ]
+        try:
+            if burst:
+                await self.store.recover_lost()
+                await asyncio.gather(*loops)
+            else:
+                await self._stopping.wait()
+        finally:
+            self._stopping.set()
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            if maint is not None:
+                maint.cancel()
+            await self._drain_inflight()
+            await self._results.join()
+            writer.cancel()
+            beat.cancel()
+            await asyncio.gather(writer, beat, return_exceptions=True)
+            if maint is not None:
+                await asyncio.gather(maint, return_exceptions=True)
+            if self._held:
+                released = await self.store.release(self.id, sorted(self._held))
+                log.info("worker %s released %d unfinished generations", self.id, released)
+                self._held.clear()
+
+    async def _drain_inflight(self) -> None:
+        tasks = list(self._inflight.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=self.opts.shutdown_grace)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def _everyone_idle(self) -> bool:
+        return all(self._idle.values()) and not self._inflight and self._results.empty()
+
+    async def _backend_loop(self, name: str, burst: bool) -> None:
+        gate = self.router.gates[name]
+        models = self.router.models_by_backend[name]
+        self._idle[name] = False
+        while not self._stopping.is_set():
+            if gate.free_for_slow() == 0:
+                await gate.wait_slow_capacity(self.opts.poll_interval)
+                continue
+            n = gate.take_slow(self.opts.claim_batch)
+            try:
+                claimed = await self.store.claim(self.id, models, n, self.opts.lease_seconds)
+            except Exception:
+                gate.release(n)
+                log.exception("claim failed; retrying")
+                await asyncio.sleep(self.opts.poll_interval)
+                continue
+            if len(claimed) < n:
+                gate.release(n - len(claimed))
+            for g in claimed:
+                self._held.add(g.id)
+                task = asyncio.create_task(self._execute(name, g), name=f"bb-gen-{g.id}")
+                self._inflight[g.id] = task
+            if claimed:
+                self._idle[name] = False
+                continue
+            if burst:
+                self._idle[name] = True
+                # wait for running work (whose retries may become claimable) before giving up
+                if self._everyone_idle():
+                    await self._results.join()
+                    if self._everyone_idle():
+                        return
+                await asyncio.sleep(0.01)
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.opts.poll_interval)
+
+    async def _execute(self, backend: str, g: GenerationRecord) -> None:
+        gate = self.router.gates[backend]
+        start = time.perf_counter()
+        self.metrics.inflight.inc()
+        try:
+            outcome = await self._attempt(g)
+        finally:
+            gate.release()
+            self.metrics.inflight.dec()
+            self.metrics.backend_seconds.labels(backend, "slow").observe(
+                time.perf_counter() - start
+            )
+            self._inflight.pop(g.id, None)
+        await self._results.put(outcome)
+
+    async def _attempt(self, g: GenerationRecord) -> Outcome:
+        try:
+            response = await self.router.run(g.kind, g.request)
+        except asyncio.CancelledError:
+            raise
+        except BackendError as exc:
+            return self._failure(g, exc.message, exc.retryable)
+        except Exception as exc:  # an engine bug: treat as transient, keep the message
+            log.exception("backend raised unexpectedly for generation %s", g.id)
+            return self._failure(g, f"internal error: {exc!r}", True)
+        return Outcome(g.id, State.SUCCESS, StateMessage.COMPLETED, response=response)
+
+    def _failure(self, g: GenerationRecord, message: str, retryable: bool) -> Outcome:
+        if should_retry(g.attempts, self.opts.max_attempts, retryable):
+            self.metrics.retried.inc()
+            delay = self.opts.backoff.delay(g.attempts)
+            return Outcome(
+                g.id,
+                State.QUEUED,
+                f"Retrying (attempt {g.attempts} of {self.opts.max_attempts} failed): {message}",
+                retry_at=utcnow() + timedelta(seconds=delay),
+            )
+        if retryable and g.attempts >= self.opts.max_attempts:
+            message = f"Failed after {g.attempts} attempts: {message}"
+        return Outcome(g.id, State.FAILED, message)
+
+    # ------------------------------------------------------------------ writer
+    async def _writer(self) -> None:
+        while True:
+            first = await self._results.get()
+            batch = [first]
+            while len(batch) < self.opts.write_batch and not self._results.empty():
+                batch.append(self._results.get_nowait())
+            try:
+                await self._write(batch)
+            finally:
+                for _ in batch:
+                    self._results.task_done()
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                completed = await self.store.finish(self.id, batch)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("recording %d outcomes failed; retrying", len(batch))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for o in batch:
+            self._held.discard(o.generation_id)
+            if o.state.terminal:
+                self.metrics.finished.labels(o.state.value).inc()
+        if any(o.state is State.QUEUED for o in batch):
+            self._wake.set()
+        if completed:
+            self.metrics.groups_completed.inc(len(completed))
+            if self.on_groups_completed is not None:
+                await self.on_groups_completed(completed)
+
+    # ------------------------------------------------------------------ leases and upkeep
+    async def _heartbeat(self) -> None:
+        interval = max(0.05, self.opts.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            if self._held:
+                try:
+                    await self.store.heartbeat(
+                        self.id, sorted(self._held), self.opts.lease_seconds
+                    )
+                except Exception:
+                    log.exception("heartbeat failed")
+
+    async def maintain_once(self) -> tuple[int, int]:
+        recovered = await self.store.recover_lost()
+        expired, completed = await self.store.expire_overdue()
+        if completed and self.on_groups_completed is not None:
+            await self.on_groups_completed(completed)
+        if recovered or expired:
+            log.info("maintenance: %d recovered, %d expired", recovered, expired)
+            self._wake.set()
+        return recovered, expired
+
+    async def _maintenance(self) -> None:
+        while True:
+            try:
+                await self.maintain_once()
+            except Exception:
+                log.exception("maintenance failed")
+            await asyncio.sleep(self.opts.maintenance_interval)

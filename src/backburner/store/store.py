@@ -1,0 +1,693 @@
+"""The Store: every query backburner runs. Callers get schema records, never rows.
+
+Fair ordering: each generation gets a ``fair_key`` when it is enqueued. A tenant's requests get
+consecutive keys starting at ``max(tenant's virtual clock, smallest key still queued)``, and workers
+claim in ``fair_key`` order. A tenant who submits 50 (or a million) requests therefore cannot push
+another tenant's single request behind all of them: the newcomer's key lands just after the work
+that is running now, and the tenants' queues interleave round-robin from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from backburner.core.clock import utcnow
+from backburner.core.ids import new_api_key, new_id
+from backburner.core.outcome import Idempotency, Outcome
+from backburner.core.states import GroupStatus, Kind, State, StateMessage
+from backburner.errors import Conflict, NotFound
+from backburner.schemas.generation import (
+    GenerationRecord,
+    GroupCounts,
+    GroupRecord,
+    NewGeneration,
+)
+from backburner.store import codec
+from backburner.store.engine import is_sqlite, make_engines
+from backburner.store.tables import (
+    api_keys,
+    generations,
+    groups,
+    idempotency_keys,
+    tenants,
+    webhooks,
+)
+
+G = generations
+UNFINISHED = (State.QUEUED.value, State.IN_PROGRESS.value)
+
+
+class IdempotencyRace(Exception):
+    """Another request with the same Idempotency-Key committed first."""
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sqlite = is_sqlite(url)
+        self._writer, self._reader = make_engines(url)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._writer
+
+    async def close(self) -> None:
+        await self._writer.dispose()
+        if self._reader is not self._writer:
+            await self._reader.dispose()
+
+    async def ping(self) -> None:
+        async with self._reader.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    # ------------------------------------------------------------------ enqueue
+    async def _fair_keys(self, conn: AsyncConnection, tenant: str, n: int) -> int:
+        """Reserve ``n`` consecutive fair keys for ``tenant``; returns the first."""
+        if self.sqlite:
+            await conn.execute(
+                sqlite_dialect.insert(tenants)
+                .values(tenant=tenant, vclock=0)
+                .on_conflict_do_nothing()
+            )
+        else:
+            await conn.execute(
+                pg_dialect.insert(tenants).values(tenant=tenant, vclock=0).on_conflict_do_nothing()
+            )
+        vclock = (
+            await conn.execute(
+                sa.select(tenants.c.vclock).where(tenants.c.tenant == tenant).with_for_update()
+            )
+        ).scalar_one()
+        floor = (
+            await conn.execute(
+                sa.select(sa.func.min(G.c.fair_key)).where(G.c.state == State.QUEUED.value)
+            )
+        ).scalar_one()
+        start = max(int(vclock), int(floor or 0))
+        await conn.execute(
+            tenants.update().where(tenants.c.tenant == tenant).values(vclock=start + n)
+        )
+        return start + 1
+
+    async def _save_idempotency(
+        self, conn: AsyncConnection, tenant: str, idem: Idempotency, now: datetime, ttl: float
+    ) -> None:
+        await conn.execute(
+            idempotency_keys.delete().where(
+                idempotency_keys.c.tenant == tenant,
+                idempotency_keys.c.key == idem.key,
+                idempotency_keys.c.created_at < now - timedelta(seconds=ttl),
+            )
+        )
+        try:
+            async with conn.begin_nested():
+                await conn.execute(
+                    idempotency_keys.insert().values(
+                        tenant=tenant,
+                        key=idem.key,
+                        request_hash=idem.request_hash,
+                        status_code=idem.status_code,
+                        response=codec.dumps(idem.response),
+                        created_at=now,
+                    )
+                )
+        except IntegrityError as exc:
+            raise IdempotencyRace from exc
+
+    def _gen_rows(
+        self,
+        tenant: str,
+        items: Sequence[NewGeneration],
+        ids: Sequence[str],
+        first_key: int,
+        now: datetime,
+        expires_at: datetime,
+        group_id: str | None = None,
+        batch_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": gid,
+                "tenant": tenant,
+                "kind": item.kind.value,
+                "model": item.model,
+                "request": codec.dumps(item.request),
+                "response": None,
+                "state": State.QUEUED.value,
+                "state_message": StateMessage.QUEUED,
+                "attempts": 0,
+                "fair_key": first_key + i,
+                "available_at": now,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "created_at": now,
+                "dispatched_at": None,
+                "finished_at": None,
+                "expires_at": expires_at,
+                "group_id": group_id,
+                "group_index": i if group_id else None,
+                "batch_id": batch_id,
+                "custom_id": item.custom_id,
+                "webhook_id": item.webhook_id,
+            }
+            for i, (gid, item) in enumerate(zip(ids, items, strict=True))
+        ]
+
+    async def submit(
+        self,
+        tenant: str,
+        item: NewGeneration,
+        *,
+        expiry_seconds: float,
+        generation_id: str | None = None,
+        idempotency: Idempotency | None = None,
+        idempotency_ttl: float = 86400.0,
+    ) -> GenerationRecord:
+        """Store one slow request durably; returns it Queued."""
+        now = utcnow()
+        gid = generation_id or new_id()
+        async with self._writer.begin() as conn:
+            if idempotency is not None:
+                await self._save_idempotency(conn, tenant, idempotency, now, idempotency_ttl)
+            first = await self._fair_keys(conn, tenant, 1)
+            rows = self._gen_rows(
+                tenant, [item], [gid], first, now, now + timedelta(seconds=expiry_seconds)
+            )
+            await conn.execute(G.insert(), rows)
+        return codec.generation(rows[0])
+
+    async def submit_group(
+        self,
+        tenant: str,
+        kind: Kind,
+        items: Sequence[NewGeneration],
+        *,
+        expiry_seconds: float,
+        metadata: dict[str, Any] | None = None,
+        webhook_id: str | None = None,
+        group_id: str | None = None,
+        idempotency: Idempotency | None = None,
+        idempotency_ttl: float = 86400.0,
+    ) -> GroupRecord:
+        """Store a whole group and its generations in one transaction."""
+        now = utcnow()
+        gid = group_id or new_id()
+        expires = now + timedelta(seconds=expiry_seconds)
+        async with self._writer.begin() as conn:
+            if idempotency is not None:
+                await self._save_idempotency(conn, tenant, idempotency, now, idempotency_ttl)
+            await conn.execute(
+                groups.insert().values(
+                    id=gid,
+                    tenant=tenant,
+                    kind=kind.value,
+                    size=len(items),
+                    pending=len(items),
+                    status=GroupStatus.IN_PROGRESS.value,
+                    metadata=None if metadata is None else codec.dumps(metadata),
+                    webhook_id=webhook_id,
+                    created_at=now,
+                    expires_at=expires,
+                    completed_at=None,
+                )
+            )
+            first = await self._fair_keys(conn, tenant, len(items))
+            ids = [new_id() for _ in items]
+            rows = self._gen_rows(tenant, items, ids, first, now, expires, group_id=gid)
+            await conn.execute(G.insert(), rows)
+        return GroupRecord(
+            id=gid,
+            tenant=tenant,
+            kind=kind,
+            size=len(items),
+            status=GroupStatus.IN_PROGRESS,
+            metadata=metadata,
+            webhook_id=webhook_id,
+            created_at=now,
+            expires_at=expires,
+            counts=GroupCounts(queued=len(items)),
+        )
+
+    # ------------------------------------------------------------------ read
+    async def get_generation(self, tenant: str, generation_id: str) -> GenerationRecord:
+        async with self._reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(G).where(G.c.id == generation_id, G.c.tenant == tenant)
+                )
+            ).first()
+        if row is None:
+            raise NotFound(f"No generation with id '{generation_id}'.", param="id")
+        return codec.generation(row)
+
+    async def count_by_state(self) -> dict[str, int]:
+        async with self._reader.connect() as conn:
+            rows = (
+                await conn.execute(sa.select(G.c.state, sa.func.count()).group_by(G.c.state))
+            ).all()
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def _group_counts(self, conn: AsyncConnection, group_id: str) -> GroupCounts:
+        rows = (
+            await conn.execute(
+                sa.select(G.c.state, sa.func.count())
+                .where(G.c.group_id == group_id)
+                .group_by(G.c.state)
+            )
+        ).all()
+        by = {r[0]: int(r[1]) for r in rows}
+        return GroupCounts(
+            queued=by.get(State.QUEUED.value, 0),
+            inProgress=by.get(State.IN_PROGRESS.value, 0),
+            success=by.get(State.SUCCESS.value, 0),
+            failed=by.get(State.FAILED.value, 0),
+        )
+
+    async def get_group(
+        self, tenant: str, group_id: str, *, with_generations: bool = False
+    ) -> tuple[GroupRecord, list[GenerationRecord]]:
+        async with self._reader.connect() as conn, conn.begin():
+            row = (
+                await conn.execute(
+                    sa.select(groups).where(groups.c.id == group_id, groups.c.tenant == tenant)
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"No group with id '{group_id}'.", param="groupId")
+            counts = await self._group_counts(conn, group_id)
+            gens: list[GenerationRecord] = []
+            if with_generations:
+                rows = (
+                    await conn.execute(
+                        sa.select(G).where(G.c.group_id == group_id).order_by(G.c.group_index)
+                    )
+                ).all()
+                gens = [codec.generation(r) for r in rows]
+        return codec.group(row, counts), gens
+
+    # ------------------------------------------------------------------ terminal bookkeeping
+    async def _groups_finished(
+        self, conn: AsyncConnection, per_group: Counter[str], now: datetime
+    ) -> list[str]:
+        """Count finished generations against their groups; returns groups that just completed.
+
+        The decrement is an UPDATE of the group row, so concurrent finishers serialise on it and
+        exactly one of them sees ``pending`` reach zero and records the completion.
+        """
+        completed: list[str] = []
+        for group_id, n in sorted(per_group.items()):
+            pending = (
+                await conn.execute(
+                    groups.update()
+                    .where(groups.c.id == group_id)
+                    .values(pending=groups.c.pending - n)
+                    .returning(groups.c.pending)
+                )
+            ).scalar_one_or_none()
+            if pending is not None and pending <= 0:
+                done = await conn.execute(
+                    groups.update()
+                    .where(groups.c.id == group_id, groups.c.completed_at.is_(None))
+                    .values(
+                        completed_at=now,
+                        status=sa.case(
+                            (
+                                groups.c.status == GroupStatus.IN_PROGRESS.value,
+                                GroupStatus.COMPLETED.value,
+                            ),
+                            else_=groups.c.status,
+                        ),
+                    )
+                )
+                if done.rowcount == 1:
+                    completed.append(group_id)
+        return completed
+
+    async def cancel_generation(self, tenant: str, generation_id: str) -> GenerationRecord:
+        now = utcnow()
+        async with self._writer.begin() as conn:
+            row = (
+                await conn.execute(
+                    G.update()
+                    .where(
+                        G.c.id == generation_id,
+                        G.c.tenant == tenant,
+                        G.c.state == State.QUEUED.value,
+                    )
+                    .values(
+                        state=State.FAILED.value,
+                        state_message=StateMessage.CANCELLED,
+                        finished_at=now,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                    .returning(G)
+                )
+            ).first()
+            if row is not None and row._mapping["group_id"]:
+                await self._groups_finished(conn, Counter([row._mapping["group_id"]]), now)
+        if row is None:
+            current = await self.get_generation(tenant, generation_id)  # 404 if not ours
+            raise Conflict(
+                f"Generation '{generation_id}' is {current.state.value} and cannot be cancelled;"
+                " only Queued generations can.",
+                code="generation_not_cancellable",
+            )
+        return codec.generation(row)
+
+    async def cancel_group(self, tenant: str, group_id: str) -> GroupRecord:
+        now = utcnow()
+        async with self._writer.begin() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(groups.c.status).where(
+                        groups.c.id == group_id, groups.c.tenant == tenant
+                    )
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"No group with id '{group_id}'.", param="groupId")
+            if row[0] != GroupStatus.IN_PROGRESS.value:
+                raise Conflict(
+                    f"Group '{group_id}' is {row[0]} and cannot be cancelled.",
+                    code="group_not_cancellable",
+                )
+            await conn.execute(
+                groups.update()
+                .where(groups.c.id == group_id)
+                .values(status=GroupStatus.CANCELLED.value)
+            )
+            res = await conn.execute(
+                G.update()
+                .where(G.c.group_id == group_id, G.c.state == State.QUEUED.value)
+                .values(
+                    state=State.FAILED.value,
+                    state_message=StateMessage.CANCELLED,
+                    finished_at=now,
+                )
+            )
+            if res.rowcount:
+                await self._groups_finished(conn, Counter({group_id: res.rowcount}), now)
+        group, _ = await self.get_group(tenant, group_id)
+        return group
+
+    # ------------------------------------------------------------------ scheduling
+    async def claim(
+        self, worker_id: str, models: Iterable[str], limit: int, lease_seconds: float
+    ) -> list[GenerationRecord]:
+        """Atomically take up to ``limit`` runnable generations for ``models``, fair order."""
+        models = list(models)
+        if limit <= 0 or not models:
+            return []
+        now = utcnow()
+        pick = (
+            sa.select(G.c.id)
+            .where(
+                G.c.state == State.QUEUED.value,
+                G.c.available_at <= now,
+                G.c.model.in_(models),
+            )
+            .order_by(G.c.fair_key)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        stmt = (
+            G.update()
+            .where(G.c.id.in_(pick.scalar_subquery()))
+            .values(
+                state=State.IN_PROGRESS.value,
+                state_message=StateMessage.RUNNING,
+                lease_owner=worker_id,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=G.c.attempts + 1,
+                dispatched_at=sa.func.coalesce(G.c.dispatched_at, now),
+            )
+            .returning(G)
+        )
+        async with self._writer.begin() as conn:
+            rows = (await conn.execute(stmt)).all()
+        recs = [codec.generation(r) for r in rows]
+        recs.sort(key=lambda r: r.created_at)
+        return recs
+
+    async def heartbeat(self, worker_id: str, ids: Sequence[str], lease_seconds: float) -> int:
+        if not ids:
+            return 0
+        now = utcnow()
+        async with self._writer.begin() as conn:
+            res = await conn.execute(
+                G.update()
+                .where(
+                    G.c.id.in_(list(ids)),
+                    G.c.lease_owner == worker_id,
+                    G.c.state == State.IN_PROGRESS.value,
+                )
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            )
+        return int(res.rowcount)
+
+    async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[str]:
+        """Record outcomes of generations this worker holds, in one transaction.
+
+        Each update is a compare-and-set on (In Progress, lease owner): a worker whose lease was
+        taken away records nothing. Returns the ids of groups that completed.
+        """
+        if not outcomes:
+            return []
+        now = utcnow()
+        per_group: Counter[str] = Counter()
+        async with self._writer.begin() as conn:
+            for o in outcomes:
+                values: dict[str, Any] = {
+                    "state": o.state.value,
+                    "state_message": o.message,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                }
+                if o.state is State.QUEUED:
+                    values["available_at"] = o.retry_at or now
+                else:
+                    values["finished_at"] = now
+                    values["response"] = (
+                        codec.dumps(o.response) if o.response is not None else None
+                    )
+                row = (
+                    await conn.execute(
+                        G.update()
+                        .where(
+                            G.c.id == o.generation_id,
+                            G.c.state == State.IN_PROGRESS.value,
+                            G.c.lease_owner == worker_id,
+                        )
+                        .values(**values)
+                        .returning(G.c.group_id)
+                    )
+                ).first()
+                if row is not None and row[0] and o.state.terminal:
+                    per_group[row[0]] += 1
+            return await self._groups_finished(conn, per_group, now)
+
+    async def release(self, worker_id: str, ids: Sequence[str]) -> int:
+        """Give back generations a stopping worker did not finish (the try is not counted)."""
+        if not ids:
+            return 0
+        async with self._writer.begin() as conn:
+            res = await conn.execute(
+                G.update()
+                .where(
+                    G.c.id.in_(list(ids)),
+                    G.c.lease_owner == worker_id,
+                    G.c.state == State.IN_PROGRESS.value,
+                )
+                .values(
+                    state=State.QUEUED.value,
+                    state_message=StateMessage.QUEUED,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    attempts=sa.case((G.c.attempts > 0, G.c.attempts - 1), else_=0),
+                )
+            )
+        return int(res.rowcount)
+
+    async def recover_lost(self, batch: int = 500) -> int:
+        """In Progress generations whose lease ran out go back to Queued."""
+        now = utcnow()
+        pick = (
+            sa.select(G.c.id)
+            .where(G.c.state == State.IN_PROGRESS.value, G.c.lease_expires_at < now)
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+        )
+        async with self._writer.begin() as conn:
+            res = await conn.execute(
+                G.update()
+                .where(G.c.id.in_(pick.scalar_subquery()))
+                .values(
+                    state=State.QUEUED.value,
+                    state_message=StateMessage.QUEUED,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    available_at=now,
+                )
+            )
+        return int(res.rowcount)
+
+    async def expire_overdue(self, batch: int = 500) -> tuple[int, list[str]]:
+        """Queued work past its expiry becomes Failed "Expired"; so do its groups."""
+        now = utcnow()
+        pick = (
+            sa.select(G.c.id)
+            .where(G.c.state == State.QUEUED.value, G.c.expires_at < now)
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+        )
+        async with self._writer.begin() as conn:
+            rows = (
+                await conn.execute(
+                    G.update()
+                    .where(G.c.id.in_(pick.scalar_subquery()))
+                    .values(
+                        state=State.FAILED.value,
+                        state_message=StateMessage.EXPIRED,
+                        finished_at=now,
+                    )
+                    .returning(G.c.group_id)
+                )
+            ).all()
+            await conn.execute(
+                groups.update()
+                .where(
+                    groups.c.status == GroupStatus.IN_PROGRESS.value,
+                    groups.c.expires_at < now,
+                    groups.c.pending > 0,
+                )
+                .values(status=GroupStatus.EXPIRED.value)
+            )
+            per_group = Counter(r[0] for r in rows if r[0])
+            completed = await self._groups_finished(conn, per_group, now)
+            await conn.execute(
+                idempotency_keys.delete().where(
+                    idempotency_keys.c.created_at < now - timedelta(days=2)
+                )
+            )
+        return len(rows), completed
+
+    # ------------------------------------------------------------------ idempotency
+    async def idempotent_answer(
+        self, tenant: str, key: str, ttl_seconds: float
+    ) -> tuple[str, int, Any] | None:
+        cutoff = utcnow() - timedelta(seconds=ttl_seconds)
+        async with self._reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(
+                        idempotency_keys.c.request_hash,
+                        idempotency_keys.c.status_code,
+                        idempotency_keys.c.response,
+                    ).where(
+                        idempotency_keys.c.tenant == tenant,
+                        idempotency_keys.c.key == key,
+                        idempotency_keys.c.created_at >= cutoff,
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        return row[0], int(row[1]), codec.loads(row[2])
+
+    async def save_idempotent(
+        self, tenant: str, idem: Idempotency, ttl_seconds: float
+    ) -> None:
+        async with self._writer.begin() as conn:
+            await self._save_idempotency(conn, tenant, idem, utcnow(), ttl_seconds)
+
+    # ------------------------------------------------------------------ webhooks
+    async def webhook_exists(self, tenant: str, webhook_id: str) -> bool:
+        async with self._reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(webhooks.c.id).where(
+                        webhooks.c.id == webhook_id, webhooks.c.tenant == tenant
+                    )
+                )
+            ).first()
+        return row is not None
+
+    # ------------------------------------------------------------------ API keys
+    async def create_key(self, tenant: str, name: str | None = None) -> tuple[str, str]:
+        key = new_api_key()
+        kid = new_id()
+        async with self._writer.begin() as conn:
+            await conn.execute(
+                api_keys.insert().values(
+                    id=kid,
+                    tenant=tenant,
+                    key_hash=hash_key(key),
+                    prefix=key[:10],
+                    name=name,
+                    created_at=utcnow(),
+                    revoked_at=None,
+                )
+            )
+        return kid, key
+
+    async def tenant_for_key(self, key: str) -> str | None:
+        async with self._reader.connect() as conn:
+            return (
+                await conn.execute(
+                    sa.select(api_keys.c.tenant).where(
+                        api_keys.c.key_hash == hash_key(key), api_keys.c.revoked_at.is_(None)
+                    )
+                )
+            ).scalar_one_or_none()
+
+    async def has_keys(self) -> bool:
+        async with self._reader.connect() as conn:
+            n = (
+                await conn.execute(
+                    sa.select(sa.func.count())
+                    .select_from(api_keys)
+                    .where(api_keys.c.revoked_at.is_(None))
+                )
+            ).scalar_one()
+        return int(n) > 0
+
+    async def list_keys(self) -> list[dict[str, Any]]:
+        async with self._reader.connect() as conn:
+            rows = (
+                await conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at))
+            ).all()
+        return [
+            {
+                "id": r.id,
+                "tenant": r.tenant,
+                "prefix": r.prefix,
+                "name": r.name,
+                "created_at": r.created_at,
+                "revoked_at": r.revoked_at,
+            }
+            for r in rows
+        ]
+
+    async def revoke_key(self, key_id: str) -> bool:
+        async with self._writer.begin() as conn:
+            res = await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+        return bool(res.rowcount)

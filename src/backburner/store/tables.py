@@ -1,0 +1,137 @@
+"""Table definitions: the one schema that migrations must reproduce."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database (SQLite stores naive UTC)."""
+
+    impl = sa.DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+ID = sa.String(32)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("prefix", sa.String(16), nullable=False),
+    sa.Column("name", sa.String(200), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    # virtual clock for fair ordering across tenants (see store/generations.py)
+    sa.Column("vclock", sa.BigInteger(), nullable=False, server_default="0"),
+)
+
+groups = sa.Table(
+    "groups",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False, index=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("size", sa.Integer(), nullable=False),
+    sa.Column("pending", sa.Integer(), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("metadata", sa.Text(), nullable=True),
+    sa.Column("webhook_id", ID, nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("completed_at", UTCDateTime(), nullable=True),
+)
+
+generations = sa.Table(
+    "generations",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("model", sa.String(256), nullable=False),
+    sa.Column("request", sa.Text(), nullable=False),
+    sa.Column("response", sa.Text(), nullable=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state_message", sa.Text(), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("fair_key", sa.BigInteger(), nullable=False),
+    sa.Column("available_at", UTCDateTime(), nullable=False),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("dispatched_at", UTCDateTime(), nullable=True),
+    sa.Column("finished_at", UTCDateTime(), nullable=True),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("group_id", ID, nullable=True),
+    sa.Column("group_index", sa.Integer(), nullable=True),
+    sa.Column("batch_id", ID, nullable=True),
+    sa.Column("custom_id", sa.String(512), nullable=True),
+    sa.Column("webhook_id", ID, nullable=True),
+    sa.Index("ix_generations_state_fair_key", "state", "fair_key"),
+    sa.Index("ix_generations_state_lease_expires_at", "state", "lease_expires_at"),
+    sa.Index("ix_generations_state_expires_at", "state", "expires_at"),
+    sa.Index("ix_generations_group_id_group_index", "group_id", "group_index"),
+    sa.Index("ix_generations_batch_id", "batch_id"),
+)
+
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False, index=True),
+    sa.Column("url", sa.Text(), nullable=False),
+    sa.Column("name", sa.String(200), nullable=True),
+    sa.Column("secret", sa.String(128), nullable=False),
+    sa.Column("events", sa.Text(), nullable=False),
+    sa.Column("enabled", sa.Boolean(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("key", sa.String(256), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("status_code", sa.Integer(), nullable=False),
+    sa.Column("response", sa.Text(), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False, index=True),
+)
