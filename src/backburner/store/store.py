@@ -441,7 +441,7 @@ class Store:
         async with self._writer.begin() as conn:
             rows = (await conn.execute(stmt)).all()
         recs = [codec.generation(r) for r in rows]
-        recs.sort(key=lambda r: r.created_at)
+        recs.sort(key=lambda r: (r.created_at, r.group_index or 0))
         return recs
 
     async def heartbeat(self, worker_id: str, ids: Sequence[str], lease_seconds: float) -> int:

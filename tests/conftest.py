@@ -1,0 +1,183 @@
+"""Shared fixtures: real stores on SQLite and PostgreSQL, a fake engine, an in-process app."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from backburner.config import BackendSettings, Settings
+from backburner.store import Store
+from backburner.store.migrate import upgrade
+from backburner.store.tables import metadata
+from tests.support.fake_backend import FakeBackend
+
+PG_ENV = "BACKBURNER_TEST_DATABASE_URL"
+FAKE_MODEL = "fake-model"
+
+
+def _pg_base() -> str | None:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(f"{PG_ENV} must be set under CI: the PostgreSQL tests must run")
+        return None
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, migrated to head."""
+    base = _pg_base()
+    if base is None:
+        pytest.skip(f"{PG_ENV} not set")
+    name = f"bb_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    url = sa.make_url(base)
+
+    async def create() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            host=url.host or "127.0.0.1", port=url.port or 5432,
+            user=url.username or "postgres", password=url.password,
+            database=url.database or "postgres",
+        )
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    async def drop() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(
+            host=url.host or "127.0.0.1", port=url.port or 5432,
+            user=url.username or "postgres", password=url.password,
+            database=url.database or "postgres",
+        )
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    test_url = url.set(database=name).render_as_string(hide_password=False)
+    upgrade(test_url)
+    yield test_url
+    asyncio.run(drop())
+
+
+async def _truncate(store: Store) -> None:
+    async with store.engine.begin() as conn:
+        names = ", ".join(f'"{t.name}"' for t in metadata.sorted_tables)
+        await conn.execute(sa.text(f"TRUNCATE {names}"))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Parametrises a test over both databases."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/bb.db"
+        upgrade(url)
+        return url
+    pg: str = request.getfixturevalue("pg_database")
+    return pg
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Any) -> str:
+    url = f"sqlite:///{tmp_path}/bb.db"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = Store(db_url)
+    if not s.sqlite:
+        await _truncate(s)
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def sqlite_store(sqlite_url: str) -> AsyncIterator[Store]:
+    s = Store(sqlite_url)
+    yield s
+    await s.close()
+
+
+def make_settings(db_url: str, **overrides: Any) -> Settings:
+    defaults: dict[str, Any] = {
+        "database_url": db_url,
+        "backends": [BackendSettings(name="fake", type="openai", base_url="http://fake.invalid/v1",
+                                     models=[FAKE_MODEL], max_concurrency=4)],
+        "retry_base_seconds": 0.0,
+        "poll_interval_seconds": 0.02,
+        "maintenance_interval_seconds": 0.5,
+        "lease_seconds": 5.0,
+    }
+    defaults.update(overrides)
+    return Settings(**defaults)
+
+
+@pytest.fixture
+def fake_backend() -> FakeBackend:
+    return FakeBackend("fake")
+
+
+class AppHarness:
+    """An app running in-process (lifespan included) and an httpx client for it."""
+
+    def __init__(self, app: Any, client: httpx.AsyncClient) -> None:
+        self.app = app
+        self.client = client
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.bb
+
+    async def wait_terminal(self, generation_id: str, timeout: float = 20.0) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            while True:
+                r = await self.client.get(f"/v1/generation/{generation_id}")
+                body: dict[str, Any] = r.json()
+                if body.get("state") in ("Success", "Failed"):
+                    return body
+                await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def harness_factory(fake_backend: FakeBackend, sqlite_url: str) -> AsyncIterator[Any]:
+    """Call with settings overrides; yields a running AppHarness. Defaults: SQLite, fake engine."""
+    from backburner.api.app import create_app
+
+    stack: list[Any] = []
+
+    async def factory(db: str | None = None, backend: FakeBackend | None = None,
+                      **overrides: Any) -> AppHarness:
+        settings = make_settings(db or sqlite_url, **overrides)
+        app = create_app(settings, backends={"fake": backend or fake_backend})
+        ctx = app.router.lifespan_context(app)
+        await ctx.__aenter__()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                   base_url="http://testserver")
+        stack.append((ctx, client))
+        return AppHarness(app, client)
+
+    yield factory
+    for ctx, client in reversed(stack):
+        await client.aclose()
+        await ctx.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def harness(harness_factory: Any) -> AppHarness:
+    h: AppHarness = await harness_factory()
+    return h
