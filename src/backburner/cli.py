@@ -149,8 +149,14 @@ def keys_list(config: ConfigOpt = None) -> None:
 
     table = Table("id", "tenant", "prefix", "name", "created", "revoked")
     for k in asyncio.run(main()):
-        table.add_row(k["id"], k["tenant"], k["prefix"] + "...", k["name"] or "",
-                      str(k["created_at"]), str(k["revoked_at"] or ""))
+        table.add_row(
+            k["id"],
+            k["tenant"],
+            k["prefix"] + "...",
+            k["name"] or "",
+            str(k["created_at"]),
+            str(k["revoked_at"] or ""),
+        )
     Console().print(table)
 
 

@@ -1,4 +1,5 @@
-"""Settings: a TOML file (``--config PATH`` or ``BACKBURNER_CONFIG``) and ``BACKBURNER_*`` variables.
+"""Settings: a TOML file (``--config PATH`` or ``BACKBURNER_CONFIG``) and ``BACKBURNER_*``
+variables.
 
 Environment variables win over the file. Nothing here is built at import time: call
 :func:`load_settings`.

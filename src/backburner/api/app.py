@@ -40,9 +40,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
     )
 
 
-def build_router(
-    settings: Settings, backends: Mapping[str, Backend] | None = None
-) -> ModelRouter:
+def build_router(settings: Settings, backends: Mapping[str, Backend] | None = None) -> ModelRouter:
     given = dict(backends or {})
     built = {s.name: given.get(s.name) or build_backend(s) for s in settings.backends}
     return ModelRouter(settings.backends, built)

@@ -38,8 +38,12 @@ def error_response(exc: BackburnerError) -> JSONResponse:
 def problems_error(problems: list[Problem]) -> JSONResponse:
     msg = "; ".join(str(p) for p in problems)
     return JSONResponse(
-        envelope(msg, type_="invalid_request_error", param=problems[0].param or None,
-                 code="invalid_request"),
+        envelope(
+            msg,
+            type_="invalid_request_error",
+            param=problems[0].param or None,
+            code="invalid_request",
+        ),
         status_code=400,
     )
 
@@ -54,8 +58,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
-            Problem(join_path("", tuple(p for p in e["loc"] if p not in ("body", "query", "path"))),
-                    e["msg"])
+            Problem(
+                join_path("", tuple(p for p in e["loc"] if p not in ("body", "query", "path"))),
+                e["msg"],
+            )
             for e in exc.errors()
         ]
         return problems_error(problems or [Problem("", "invalid request")])
@@ -64,7 +70,8 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return JSONResponse(
-            envelope(str(exc.detail), type_=type_), status_code=exc.status_code,
+            envelope(str(exc.detail), type_=type_),
+            status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
 

@@ -17,14 +17,29 @@ class BodyLimitMiddleware:
         if scope["type"] == "http" and not scope["path"].startswith("/v1/files"):
             for name, value in scope.get("headers", []):
                 if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                    body = json.dumps({"error": {
-                        "message": f"request body is larger than the limit of {self.max_bytes}"
-                                   " bytes",
-                        "type": "invalid_request_error", "param": None,
-                        "code": "body_too_large"}}).encode()
-                    await send({"type": "http.response.start", "status": 413,
-                                "headers": [(b"content-type", b"application/json"),
-                                            (b"content-length", str(len(body)).encode())]})
+                    body = json.dumps(
+                        {
+                            "error": {
+                                "message": (
+                                    "request body is larger than the limit of"
+                                    f" {self.max_bytes} bytes"
+                                ),
+                                "type": "invalid_request_error",
+                                "param": None,
+                                "code": "body_too_large",
+                            }
+                        }
+                    ).encode()
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 413,
+                            "headers": [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                            ],
+                        }
+                    )
                     await send({"type": "http.response.body", "body": body})
                     return
         await self.app(scope, receive, send)

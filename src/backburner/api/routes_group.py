@@ -27,10 +27,12 @@ async def submit_group(kind: Kind, request: Request, tenant_id: str, st: AppStat
     problems, requests = validate_group(kind, body, st.router.models)
     webhook_id = body.get("webhook_id") if isinstance(body, dict) else None
     if isinstance(webhook_id, str) and not await st.store.webhook_exists(tenant_id, webhook_id):
-        problems.append(Problem(
-            "webhook_id",
-            f"no webhook with id '{webhook_id}'; create one with POST /v1/webhooks",
-        ))
+        problems.append(
+            Problem(
+                "webhook_id",
+                f"no webhook with id '{webhook_id}'; create one with POST /v1/webhooks",
+            )
+        )
     if problems:
         return problems_error(problems)
     gid = new_id()

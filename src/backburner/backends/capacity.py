@@ -7,6 +7,7 @@ scheduler only takes slots that are free while no realtime request is waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 
@@ -60,14 +61,12 @@ class CapacityGate:
         if self._freed is not None and self.free_for_slow() > 0:
             self._freed.set()
 
-    async def wait_slow_capacity(self, timeout: float) -> None:
-        """Return when slow work could take a slot, or after ``timeout`` seconds."""
+    async def wait_slow_capacity(self, wait_seconds: float) -> None:
+        """Return when slow work could take a slot, or after ``wait_seconds``."""
         if self.free_for_slow() > 0:
             return
         if self._freed is None:
             self._freed = asyncio.Event()
         self._freed.clear()
-        try:
-            await asyncio.wait_for(self._freed.wait(), timeout)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._freed.wait(), wait_seconds)

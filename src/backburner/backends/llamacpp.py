@@ -119,9 +119,11 @@ class LlamaCppBackend:
             )
         elif kind is Kind.COMPLETION:
             prompt = body["prompt"]
-            prompts = prompt if isinstance(prompt, list) and prompt and isinstance(
-                prompt[0], str
-            ) else [prompt]
+            prompts = (
+                prompt
+                if isinstance(prompt, list) and prompt and isinstance(prompt[0], str)
+                else [prompt]
+            )
             choices: list[Any] = []
             usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
             out = {}
@@ -161,7 +163,9 @@ class LlamaCppBackend:
             )
         elif kind is Kind.COMPLETION:
             it = self._llm.create_completion(
-                prompt=body["prompt"], max_tokens=_max_tokens(body), stream=True,
+                prompt=body["prompt"],
+                max_tokens=_max_tokens(body),
+                stream=True,
                 **_params(body, _SAMPLING),
             )
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 
 from backburner.backends.base import JSON, Backend, upstream_body
@@ -81,7 +81,7 @@ class ModelRouter:
         finally:
             r.gate.release()
 
-    async def stream_realtime(self, kind: Kind, body: JSON) -> AsyncIterator[JSON]:
+    async def stream_realtime(self, kind: Kind, body: JSON) -> AsyncGenerator[JSON, None]:
         model = str(body["model"])
         r = self.route(model)
         await r.gate.acquire_realtime()

@@ -15,8 +15,8 @@ class Backoff:
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after the ``attempt``-th failed try (1-based)."""
         raw = min(self.cap_seconds, self.base_seconds * (2 ** max(0, attempt - 1)))
-        r = (rng or random).random()
-        return raw * (1 - self.jitter + self.jitter * r)
+        r = rng.random() if rng is not None else random.random()
+        return float(raw * (1 - self.jitter + self.jitter * r))
 
 
 def should_retry(attempts: int, max_attempts: int, retryable: bool) -> bool:

@@ -248,9 +248,7 @@ class Worker:
             await asyncio.sleep(interval)
             if self._held:
                 try:
-                    await self.store.heartbeat(
-                        self.id, sorted(self._held), self.opts.lease_seconds
-                    )
+                    await self.store.heartbeat(self.id, sorted(self._held), self.opts.lease_seconds)
                 except Exception:
                     log.exception("heartbeat failed")
 

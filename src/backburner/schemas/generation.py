@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from backburner.core.clock import iso
 from backburner.core.states import GroupStatus, Kind, State
@@ -71,13 +71,20 @@ class NewGeneration:
     webhook_id: str | None = None
 
 
-class GroupCounts(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
+@dataclass(frozen=True, slots=True)
+class GroupCounts:
     queued: int = 0
-    in_progress: int = Field(0, alias="inProgress")
+    in_progress: int = 0
     success: int = 0
     failed: int = 0
+
+    def to_wire(self) -> dict[str, int]:
+        return {
+            "queued": self.queued,
+            "inProgress": self.in_progress,
+            "success": self.success,
+            "failed": self.failed,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +107,7 @@ class GroupRecord:
             "object": "group",
             "groupSize": self.size,
             "status": self.status.value,
-            "counts": self.counts.model_dump(by_alias=True),
+            "counts": self.counts.to_wire(),
             "createdAt": iso(self.created_at),
             "expiresAt": iso(self.expires_at),
         }
@@ -115,10 +122,10 @@ class GroupRecord:
         return out
 
     @property
-    def groupId(self) -> str:  # noqa: N802 - mirrors the wire name
+    def groupId(self) -> str:
         return self.id
 
 
 class GroupSubmitted(BaseModel):
-    groupId: str  # noqa: N815 - wire name is camelCase (compat)
-    groupSize: int  # noqa: N815
+    groupId: str
+    groupSize: int

@@ -24,8 +24,11 @@ MODELS: dict[Kind, type[BaseModel]] = {
     Kind.COMPLETION: CompletionRequest,
     Kind.EMBEDDING: EmbeddingRequest,
 }
-ROUTE_NAMES = {Kind.CHAT: "chat completions", Kind.COMPLETION: "completions",
-               Kind.EMBEDDING: "embeddings"}
+ROUTE_NAMES = {
+    Kind.CHAT: "chat completions",
+    Kind.COMPLETION: "completions",
+    Kind.EMBEDDING: "embeddings",
+}
 
 
 @dataclass(frozen=True)
@@ -77,13 +80,22 @@ def _pydantic_problems(exc: ValidationError, prefix: str) -> list[Problem]:
 def wrong_kind(kind: Kind, body: dict[str, Any], prefix: str) -> Problem | None:
     where = prefix or "body"
     if kind is Kind.CHAT and "prompt" in body and "messages" not in body:
-        return Problem(where, "has 'prompt', which belongs to a completions request; chat"
-                       " completion requests need 'messages'")
+        return Problem(
+            where,
+            "has 'prompt', which belongs to a completions request; chat"
+            " completion requests need 'messages'",
+        )
     if kind is Kind.COMPLETION and "messages" in body and "prompt" not in body:
-        return Problem(where, "has 'messages', which belongs to a chat completions request;"
-                       " completions requests need 'prompt'")
-    if kind is not Kind.EMBEDDING and "input" in body and "messages" not in body and (
-        "prompt" not in body
+        return Problem(
+            where,
+            "has 'messages', which belongs to a chat completions request;"
+            " completions requests need 'prompt'",
+        )
+    if (
+        kind is not Kind.EMBEDDING
+        and "input" in body
+        and "messages" not in body
+        and ("prompt" not in body)
     ):
         return Problem(where, "has 'input', which belongs to an embeddings request")
     return None
@@ -112,13 +124,17 @@ def validate_request(
     if isinstance(model, str) and model and model not in known_models:
         served = ", ".join(sorted(known_models)) or "none"
         problems.append(
-            Problem(join_path(prefix, ("model",)),
-                    f"model '{model}' is not served here; available models: {served}")
+            Problem(
+                join_path(prefix, ("model",)),
+                f"model '{model}' is not served here; available models: {served}",
+            )
         )
     if slow and body.get("stream") is True:
         problems.append(
-            Problem(join_path(prefix, ("stream",)),
-                    "streaming is not supported on slow routes; omit 'stream' or set it to false")
+            Problem(
+                join_path(prefix, ("stream",)),
+                "streaming is not supported on slow routes; omit 'stream' or set it to false",
+            )
         )
     return problems
 
@@ -134,27 +150,36 @@ def validate_group(
         if key in GROUP_KEYS:
             continue
         if key == "webhook_url":
-            problems.append(Problem(
-                "webhook_url",
-                "unknown field; use webhook_id (webhook_url is the Batch API's): register the"
-                " URL with POST /v1/webhooks and pass its id",
-            ))
+            problems.append(
+                Problem(
+                    "webhook_url",
+                    "unknown field; use webhook_id (webhook_url is the Batch API's): register the"
+                    " URL with POST /v1/webhooks and pass its id",
+                )
+            )
             continue
         near = difflib.get_close_matches(key, GROUP_KEYS, n=1, cutoff=0.75)
         hint = f"; did you mean {near[0]}?" if near else ""
-        problems.append(Problem(
-            key, f"unknown field{hint} allowed fields: {', '.join(GROUP_KEYS)}"))
-    if "metadata" in body and body["metadata"] is not None and not isinstance(
-        body["metadata"], dict
+        problems.append(
+            Problem(key, f"unknown field{hint} allowed fields: {', '.join(GROUP_KEYS)}")
+        )
+    if (
+        "metadata" in body
+        and body["metadata"] is not None
+        and not isinstance(body["metadata"], dict)
     ):
         problems.append(Problem("metadata", "must be a JSON object"))
-    if "webhook_id" in body and body["webhook_id"] is not None and not isinstance(
-        body["webhook_id"], str
+    if (
+        "webhook_id" in body
+        and body["webhook_id"] is not None
+        and not isinstance(body["webhook_id"], str)
     ):
         problems.append(Problem("webhook_id", "must be a string"))
     reqs = body.get("requests")
-    limit_hint = (f"a group holds 1 to {MAX_GROUP_SIZE} requests; for more, use the Batch API"
-                  " (POST /v1/files, then POST /v1/batches)")
+    limit_hint = (
+        f"a group holds 1 to {MAX_GROUP_SIZE} requests; for more, use the Batch API"
+        " (POST /v1/files, then POST /v1/batches)"
+    )
     if "requests" not in body:
         problems.append(Problem("requests", f"is required: {limit_hint}"))
         return problems, []

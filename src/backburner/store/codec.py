@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,7 +20,7 @@ def loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
-def generation(row: sa.Row[Any] | sa.RowMapping) -> GenerationRecord:
+def generation(row: sa.Row[Any] | Mapping[str, Any]) -> GenerationRecord:
     m = row._mapping if isinstance(row, sa.Row) else row
     return GenerationRecord(
         id=m["id"],
@@ -43,7 +44,7 @@ def generation(row: sa.Row[Any] | sa.RowMapping) -> GenerationRecord:
     )
 
 
-def group(row: sa.Row[Any] | sa.RowMapping, counts: GroupCounts) -> GroupRecord:
+def group(row: sa.Row[Any] | Mapping[str, Any], counts: GroupCounts) -> GroupRecord:
     m = row._mapping if isinstance(row, sa.Row) else row
     return GroupRecord(
         id=m["id"],

@@ -272,7 +272,7 @@ class Store:
         by = {r[0]: int(r[1]) for r in rows}
         return GroupCounts(
             queued=by.get(State.QUEUED.value, 0),
-            inProgress=by.get(State.IN_PROGRESS.value, 0),
+            in_progress=by.get(State.IN_PROGRESS.value, 0),
             success=by.get(State.SUCCESS.value, 0),
             failed=by.get(State.FAILED.value, 0),
         )
@@ -482,9 +482,7 @@ class Store:
                     values["available_at"] = o.retry_at or now
                 else:
                     values["finished_at"] = now
-                    values["response"] = (
-                        codec.dumps(o.response) if o.response is not None else None
-                    )
+                    values["response"] = codec.dumps(o.response) if o.response is not None else None
                 row = (
                     await conn.execute(
                         G.update()
@@ -609,9 +607,7 @@ class Store:
             return None
         return row[0], int(row[1]), codec.loads(row[2])
 
-    async def save_idempotent(
-        self, tenant: str, idem: Idempotency, ttl_seconds: float
-    ) -> None:
+    async def save_idempotent(self, tenant: str, idem: Idempotency, ttl_seconds: float) -> None:
         async with self._writer.begin() as conn:
             await self._save_idempotency(conn, tenant, idem, utcnow(), ttl_seconds)
 
@@ -668,9 +664,7 @@ class Store:
 
     async def list_keys(self) -> list[dict[str, Any]]:
         async with self._reader.connect() as conn:
-            rows = (
-                await conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at))
-            ).all()
+            rows = (await conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at))).all()
         return [
             {
                 "id": r.id,

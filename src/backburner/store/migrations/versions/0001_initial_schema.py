@@ -1,7 +1,7 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-25 17:02:42.735006
 """
 
@@ -10,8 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-
-revision = '0001'
+revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
@@ -19,123 +18,134 @@ depends_on = None
 
 def upgrade() -> None:
 
-    op.create_table('api_keys',
-    sa.Column('id', sa.String(length=32), nullable=False),
-    sa.Column('tenant', sa.String(length=128), nullable=False),
-    sa.Column('key_hash', sa.String(length=64), nullable=False),
-    sa.Column('prefix', sa.String(length=16), nullable=False),
-    sa.Column('name', sa.String(length=200), nullable=True),
-    sa.Column('created_at', sa.DateTime(), nullable=False),
-    sa.Column('revoked_at', sa.DateTime(), nullable=True),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_api_keys')),
-    sa.UniqueConstraint('key_hash', name=op.f('uq_api_keys_key_hash'))
+    op.create_table(
+        "api_keys",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("key_hash", sa.String(length=64), nullable=False),
+        sa.Column("prefix", sa.String(length=16), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("revoked_at", sa.DateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
+        sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
     )
-    op.create_table('generations',
-    sa.Column('id', sa.String(length=32), nullable=False),
-    sa.Column('tenant', sa.String(length=128), nullable=False),
-    sa.Column('kind', sa.String(length=16), nullable=False),
-    sa.Column('model', sa.String(length=256), nullable=False),
-    sa.Column('request', sa.Text(), nullable=False),
-    sa.Column('response', sa.Text(), nullable=True),
-    sa.Column('state', sa.String(length=16), nullable=False),
-    sa.Column('state_message', sa.Text(), nullable=False),
-    sa.Column('attempts', sa.Integer(), server_default='0', nullable=False),
-    sa.Column('fair_key', sa.BigInteger(), nullable=False),
-    sa.Column('available_at', sa.DateTime(), nullable=False),
-    sa.Column('lease_owner', sa.String(length=64), nullable=True),
-    sa.Column('lease_expires_at', sa.DateTime(), nullable=True),
-    sa.Column('created_at', sa.DateTime(), nullable=False),
-    sa.Column('dispatched_at', sa.DateTime(), nullable=True),
-    sa.Column('finished_at', sa.DateTime(), nullable=True),
-    sa.Column('expires_at', sa.DateTime(), nullable=False),
-    sa.Column('group_id', sa.String(length=32), nullable=True),
-    sa.Column('group_index', sa.Integer(), nullable=True),
-    sa.Column('batch_id', sa.String(length=32), nullable=True),
-    sa.Column('custom_id', sa.String(length=512), nullable=True),
-    sa.Column('webhook_id', sa.String(length=32), nullable=True),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_generations'))
+    op.create_table(
+        "generations",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("model", sa.String(length=256), nullable=False),
+        sa.Column("request", sa.Text(), nullable=False),
+        sa.Column("response", sa.Text(), nullable=True),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("state_message", sa.Text(), nullable=False),
+        sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("fair_key", sa.BigInteger(), nullable=False),
+        sa.Column("available_at", sa.DateTime(), nullable=False),
+        sa.Column("lease_owner", sa.String(length=64), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("dispatched_at", sa.DateTime(), nullable=True),
+        sa.Column("finished_at", sa.DateTime(), nullable=True),
+        sa.Column("expires_at", sa.DateTime(), nullable=False),
+        sa.Column("group_id", sa.String(length=32), nullable=True),
+        sa.Column("group_index", sa.Integer(), nullable=True),
+        sa.Column("batch_id", sa.String(length=32), nullable=True),
+        sa.Column("custom_id", sa.String(length=512), nullable=True),
+        sa.Column("webhook_id", sa.String(length=32), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_generations")),
     )
-    with op.batch_alter_table('generations', schema=None) as batch_op:
-        batch_op.create_index('ix_generations_batch_id', ['batch_id'], unique=False)
-        batch_op.create_index('ix_generations_group_id_group_index', ['group_id', 'group_index'], unique=False)
-        batch_op.create_index('ix_generations_state_expires_at', ['state', 'expires_at'], unique=False)
-        batch_op.create_index('ix_generations_state_fair_key', ['state', 'fair_key'], unique=False)
-        batch_op.create_index('ix_generations_state_lease_expires_at', ['state', 'lease_expires_at'], unique=False)
+    with op.batch_alter_table("generations", schema=None) as batch_op:
+        batch_op.create_index("ix_generations_batch_id", ["batch_id"], unique=False)
+        batch_op.create_index(
+            "ix_generations_group_id_group_index", ["group_id", "group_index"], unique=False
+        )
+        batch_op.create_index(
+            "ix_generations_state_expires_at", ["state", "expires_at"], unique=False
+        )
+        batch_op.create_index("ix_generations_state_fair_key", ["state", "fair_key"], unique=False)
+        batch_op.create_index(
+            "ix_generations_state_lease_expires_at", ["state", "lease_expires_at"], unique=False
+        )
 
-    op.create_table('groups',
-    sa.Column('id', sa.String(length=32), nullable=False),
-    sa.Column('tenant', sa.String(length=128), nullable=False),
-    sa.Column('kind', sa.String(length=16), nullable=False),
-    sa.Column('size', sa.Integer(), nullable=False),
-    sa.Column('pending', sa.Integer(), nullable=False),
-    sa.Column('status', sa.String(length=16), nullable=False),
-    sa.Column('metadata', sa.Text(), nullable=True),
-    sa.Column('webhook_id', sa.String(length=32), nullable=True),
-    sa.Column('created_at', sa.DateTime(), nullable=False),
-    sa.Column('expires_at', sa.DateTime(), nullable=False),
-    sa.Column('completed_at', sa.DateTime(), nullable=True),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_groups'))
+    op.create_table(
+        "groups",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("kind", sa.String(length=16), nullable=False),
+        sa.Column("size", sa.Integer(), nullable=False),
+        sa.Column("pending", sa.Integer(), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("metadata", sa.Text(), nullable=True),
+        sa.Column("webhook_id", sa.String(length=32), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(), nullable=False),
+        sa.Column("completed_at", sa.DateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_groups")),
     )
-    with op.batch_alter_table('groups', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_groups_tenant'), ['tenant'], unique=False)
+    with op.batch_alter_table("groups", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_groups_tenant"), ["tenant"], unique=False)
 
-    op.create_table('idempotency_keys',
-    sa.Column('tenant', sa.String(length=128), nullable=False),
-    sa.Column('key', sa.String(length=256), nullable=False),
-    sa.Column('request_hash', sa.String(length=64), nullable=False),
-    sa.Column('status_code', sa.Integer(), nullable=False),
-    sa.Column('response', sa.Text(), nullable=False),
-    sa.Column('created_at', sa.DateTime(), nullable=False),
-    sa.PrimaryKeyConstraint('tenant', 'key', name=op.f('pk_idempotency_keys'))
+    op.create_table(
+        "idempotency_keys",
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("key", sa.String(length=256), nullable=False),
+        sa.Column("request_hash", sa.String(length=64), nullable=False),
+        sa.Column("status_code", sa.Integer(), nullable=False),
+        sa.Column("response", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("tenant", "key", name=op.f("pk_idempotency_keys")),
     )
-    with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_idempotency_keys_created_at'), ['created_at'], unique=False)
+    with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_idempotency_keys_created_at"), ["created_at"], unique=False
+        )
 
-    op.create_table('tenants',
-    sa.Column('tenant', sa.String(length=128), nullable=False),
-    sa.Column('vclock', sa.BigInteger(), server_default='0', nullable=False),
-    sa.PrimaryKeyConstraint('tenant', name=op.f('pk_tenants'))
+    op.create_table(
+        "tenants",
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("vclock", sa.BigInteger(), server_default="0", nullable=False),
+        sa.PrimaryKeyConstraint("tenant", name=op.f("pk_tenants")),
     )
-    op.create_table('webhooks',
-    sa.Column('id', sa.String(length=32), nullable=False),
-    sa.Column('tenant', sa.String(length=128), nullable=False),
-    sa.Column('url', sa.Text(), nullable=False),
-    sa.Column('name', sa.String(length=200), nullable=True),
-    sa.Column('secret', sa.String(length=128), nullable=False),
-    sa.Column('events', sa.Text(), nullable=False),
-    sa.Column('enabled', sa.Boolean(), nullable=False),
-    sa.Column('created_at', sa.DateTime(), nullable=False),
-    sa.Column('updated_at', sa.DateTime(), nullable=False),
-    sa.PrimaryKeyConstraint('id', name=op.f('pk_webhooks'))
+    op.create_table(
+        "webhooks",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("url", sa.Text(), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=True),
+        sa.Column("secret", sa.String(length=128), nullable=False),
+        sa.Column("events", sa.Text(), nullable=False),
+        sa.Column("enabled", sa.Boolean(), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_webhooks")),
     )
-    with op.batch_alter_table('webhooks', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_webhooks_tenant'), ['tenant'], unique=False)
-
-
+    with op.batch_alter_table("webhooks", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_webhooks_tenant"), ["tenant"], unique=False)
 
 
 def downgrade() -> None:
 
-    with op.batch_alter_table('webhooks', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_webhooks_tenant'))
+    with op.batch_alter_table("webhooks", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_webhooks_tenant"))
 
-    op.drop_table('webhooks')
-    op.drop_table('tenants')
-    with op.batch_alter_table('idempotency_keys', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_idempotency_keys_created_at'))
+    op.drop_table("webhooks")
+    op.drop_table("tenants")
+    with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_idempotency_keys_created_at"))
 
-    op.drop_table('idempotency_keys')
-    with op.batch_alter_table('groups', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_groups_tenant'))
+    op.drop_table("idempotency_keys")
+    with op.batch_alter_table("groups", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_groups_tenant"))
 
-    op.drop_table('groups')
-    with op.batch_alter_table('generations', schema=None) as batch_op:
-        batch_op.drop_index('ix_generations_state_lease_expires_at')
-        batch_op.drop_index('ix_generations_state_fair_key')
-        batch_op.drop_index('ix_generations_state_expires_at')
-        batch_op.drop_index('ix_generations_group_id_group_index')
-        batch_op.drop_index('ix_generations_batch_id')
+    op.drop_table("groups")
+    with op.batch_alter_table("generations", schema=None) as batch_op:
+        batch_op.drop_index("ix_generations_state_lease_expires_at")
+        batch_op.drop_index("ix_generations_state_fair_key")
+        batch_op.drop_index("ix_generations_state_expires_at")
+        batch_op.drop_index("ix_generations_group_id_group_index")
+        batch_op.drop_index("ix_generations_batch_id")
 
-    op.drop_table('generations')
-    op.drop_table('api_keys')
-
+    op.drop_table("generations")
+    op.drop_table("api_keys")

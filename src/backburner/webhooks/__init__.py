@@ -1,0 +1,1 @@
+"""Webhooks: signing (pure) and delivery (outbox worker)."""
