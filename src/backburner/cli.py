@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from pathlib import Path
@@ -20,6 +21,9 @@ keys_app = typer.Typer(help="API keys and tenants.", no_args_is_help=True)
 db_app = typer.Typer(help="The database.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+hooks_app = typer.Typer(help="Webhooks (per tenant).", no_args_is_help=True)
+app.add_typer(hooks_app, name="webhooks")
+TenantOpt = Annotated[str, typer.Option(help="Tenant that owns the webhook.")]
 
 ConfigOpt = Annotated[
     Path | None,
@@ -80,7 +84,7 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Drain what is queued now, then exit.")] = False,
 ) -> None:
     """Run a worker against the configured database (on this or another machine)."""
-    from backburner.api.app import build_router, worker_options
+    from backburner.api.app import build_dispatcher, build_router, worker_options
     from backburner.metrics import Metrics
     from backburner.scheduler import Worker
     from backburner.store import Store
@@ -94,13 +98,25 @@ def worker(
         store = Store(settings.database_url)
         router = build_router(settings)
         await router.start()
-        w = Worker(store, router, worker_options(settings), metrics=Metrics())
+        metrics = Metrics()
+        hooks, client = build_dispatcher(settings, store, metrics)
+        w = Worker(store, router, worker_options(settings), metrics=metrics, after_write=hooks.wake)
+
+        async def stop() -> None:
+            await w.stop()
+            await hooks.stop()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(w.stop()))
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(stop()))
         try:
-            await w.run(burst=burst)
+            if burst:
+                await w.run(burst=True)
+                await hooks.run(burst=True)
+            else:
+                await asyncio.gather(w.run(), hooks.run())
         finally:
+            await client.aclose()
             await router.close()
             await store.close()
 
@@ -188,6 +204,100 @@ def db_upgrade(config: ConfigOpt = None) -> None:
     settings = _settings(config)
     upgrade(settings.database_url)
     typer.echo("database is at the newest schema")
+
+
+def _with_store(settings: Settings, fn: Any) -> Any:
+    from backburner.store import Store
+    from backburner.store.migrate import upgrade
+
+    upgrade(settings.database_url)
+
+    async def run() -> Any:
+        store = Store(settings.database_url)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+@hooks_app.command("create")
+def webhooks_create(
+    url: str,
+    tenant: TenantOpt = "default",
+    name: Annotated[str | None, typer.Option(help="A label.")] = None,
+    event: Annotated[
+        list[str] | None, typer.Option(help="Subscribe to this event (repeat); default all.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Register a webhook and print it with its signing secret (shown once)."""
+    from backburner.schemas.webhook import WebhookCreate
+    from backburner.webhooks.delivery import UrlGuard
+    from backburner.webhooks.signing import new_secret
+
+    settings = _settings(config)
+    body = WebhookCreate.model_validate({"url": url, "name": name, "events": event})
+    asyncio.run(UrlGuard(deny_private=settings.deny_private_webhooks).check(body.url))
+
+    async def go(store: Any) -> Any:
+        return await store.create_webhook(
+            tenant, url=body.url, secret=new_secret(), name=body.name, events=body.events
+        )
+
+    rec = _with_store(settings, go)
+    typer.echo(json.dumps(rec.to_wire(with_secret=True), indent=2))
+
+
+@hooks_app.command("list")
+def webhooks_list(tenant: TenantOpt = "default", config: ConfigOpt = None) -> None:
+    """List a tenant's webhooks."""
+    settings = _settings(config)
+    recs = _with_store(settings, lambda store: store.list_webhooks(tenant))
+    table = Table("id", "url", "name", "events", "enabled")
+    for w in recs:
+        table.add_row(w.id, w.url, w.name or "", ", ".join(w.events), str(w.enabled))
+    Console().print(table)
+
+
+@hooks_app.command("delete")
+def webhooks_delete(
+    webhook_id: str, tenant: TenantOpt = "default", config: ConfigOpt = None
+) -> None:
+    """Delete a webhook."""
+    settings = _settings(config)
+    _with_store(settings, lambda store: store.delete_webhook(tenant, webhook_id))
+    typer.echo(f"deleted {webhook_id}")
+
+
+@hooks_app.command("test")
+def webhooks_test(webhook_id: str, tenant: TenantOpt = "default", config: ConfigOpt = None) -> None:
+    """Queue a webhook.test event (a running worker delivers it)."""
+    settings = _settings(config)
+    event_id = _with_store(settings, lambda store: store.enqueue_test_event(tenant, webhook_id))
+    typer.echo(f"queued {event_id}")
+
+
+@hooks_app.command("deliveries")
+def webhooks_deliveries(
+    webhook_id: str, tenant: TenantOpt = "default", config: ConfigOpt = None
+) -> None:
+    """Show the delivery log of a webhook."""
+    settings = _settings(config)
+    attempts = _with_store(settings, lambda store: store.list_attempts(tenant, webhook_id))
+    table = Table("time", "delivery", "event", "attempt", "status", "ms", "error")
+    for a in attempts:
+        table.add_row(
+            str(a.created_at),
+            a.event_id,
+            a.event,
+            str(a.attempt),
+            str(a.status_code or ""),
+            str(a.duration_ms),
+            a.error or "",
+        )
+    Console().print(table)
 
 
 def main() -> None:

@@ -94,6 +94,16 @@ class Settings(BaseSettings):
     retry_cap_seconds: float = Field(default=60.0, ge=0)
     maintenance_interval_seconds: float = Field(default=5.0, gt=0)
 
+    # webhooks
+    webhook_max_retries: int = Field(default=3, ge=0, le=20)
+    webhook_retry_base_seconds: float = Field(default=1.0, ge=0)
+    webhook_retry_cap_seconds: float = Field(default=300.0, ge=0)
+    webhook_timeout_seconds: float = Field(default=30.0, gt=0)
+    webhook_poll_interval_seconds: float = Field(default=0.25, gt=0)
+    webhook_concurrency: int = Field(default=16, ge=1, le=1024)
+    # None: deny private and link-local targets unless the server listens on loopback only
+    webhook_deny_private: bool | None = None
+
     # api
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     idempotency_ttl_seconds: float = Field(default=24 * 3600, gt=0)
@@ -123,6 +133,12 @@ class Settings(BaseSettings):
         if dupes:
             raise ValueError(f"backend names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+    @property
+    def deny_private_webhooks(self) -> bool:
+        if self.webhook_deny_private is not None:
+            return self.webhook_deny_private
+        return not self.loopback_only
 
     @property
     def loopback_only(self) -> bool:

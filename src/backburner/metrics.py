@@ -33,6 +33,15 @@ class Metrics:
         self.inflight = Gauge(
             "backburner_slow_inflight", "Slow generations running in this process", registry=r
         )
+        self.webhook_attempts = Counter(
+            "backburner_webhook_attempts",
+            "Webhook delivery attempts by event and outcome (delivered, retry, failed)",
+            ["event", "outcome"],
+            registry=r,
+        )
+        self.webhook_seconds = Histogram(
+            "backburner_webhook_attempt_seconds", "Webhook delivery attempt latency", registry=r
+        )
         self.realtime = Counter(
             "backburner_realtime_requests", "Realtime requests", ["kind", "status"], registry=r
         )

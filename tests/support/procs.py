@@ -7,6 +7,7 @@ tail of its log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -203,18 +204,17 @@ def run_cli(*args: str, timeout: float = 60.0, env: Mapping[str, str] | None = N
         stdin=subprocess.DEVNULL,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"backburner {' '.join(args)} failed ({done.returncode}):\n"
-                           f"{done.stdout}\n{done.stderr}")
+        raise RuntimeError(
+            f"backburner {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        )
     return done.stdout
 
 
 def kill(proc: Proc, timeout: float = 10.0) -> None:
     """SIGKILL the process (no cleanup runs in it) and reap it."""
     if proc.popen.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     try:
         proc.popen.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -225,10 +225,8 @@ def kill(proc: Proc, timeout: float = 10.0) -> None:
 def stop(proc: Proc, timeout: float = 20.0) -> None:
     """SIGTERM (a graceful shutdown) and reap; SIGKILL if it does not exit within ``timeout``."""
     if proc.popen.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             proc.popen.wait(timeout)
             return

@@ -43,9 +43,7 @@ def last_user_text(body: dict[str, Any]) -> str:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):  # content parts
-                return "".join(
-                    p.get("text", "") for p in content if isinstance(p, dict)
-                )
+                return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         return str(prompt[-1])
@@ -132,7 +130,9 @@ class Upstream:
         path: str = scope["path"]
         method: str = scope["method"]
         if method == "GET" and path in ("/v1/models", "/models"):
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": "upstream"} for m in MODELS]
+            data = [
+                {"id": m, "object": "model", "created": 0, "owned_by": "upstream"} for m in MODELS
+            ]
             await self._json(send, 200, {"object": "list", "data": data})
             return
         if method == "GET" and path == "/stats":

@@ -207,7 +207,7 @@ def test_out_of_range_values_refused(tmp_path: Path, text: str) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.toml"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.toml"):
         load_settings(tmp_path / "nope.toml")
     assert "BACKBURNER_CONFIG" not in os.environ
 

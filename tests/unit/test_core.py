@@ -122,9 +122,7 @@ def test_should_retry(attempts: int, max_attempts: int, retryable: bool, expecte
 
 def test_new_id_shape() -> None:
     assert ID_LENGTH == 21
-    assert set(ALPHABET) == set(
-        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
-    )
+    assert set(ALPHABET) == set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
     pattern = re.compile(r"^[A-Za-z0-9_-]{21}$")
     ids = [new_id() for _ in range(500)]
     assert all(pattern.match(i) for i in ids)

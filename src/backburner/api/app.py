@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 
+import httpx
 from fastapi import FastAPI
 
 from backburner import __version__
@@ -16,6 +17,7 @@ from backburner.api.routes_group import group_router
 from backburner.api.routes_ops import ops_router
 from backburner.api.routes_realtime import realtime_router
 from backburner.api.routes_slow import generation_router, slow_router
+from backburner.api.routes_webhooks import webhooks_router
 from backburner.api.state import AppState
 from backburner.backends.base import Backend
 from backburner.backends.registry import build_backend
@@ -26,6 +28,8 @@ from backburner.metrics import Metrics
 from backburner.scheduler import Worker, WorkerOptions
 from backburner.store import Store
 from backburner.store.migrate import upgrade_async
+from backburner.webhooks.delivery import Deliverer, UrlGuard
+from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
 
 log = logging.getLogger("backburner")
 
@@ -46,6 +50,29 @@ def build_router(settings: Settings, backends: Mapping[str, Backend] | None = No
     return ModelRouter(settings.backends, built)
 
 
+def build_dispatcher(
+    settings: Settings, store: Store, metrics: Metrics
+) -> tuple[Dispatcher, httpx.AsyncClient]:
+    client = httpx.AsyncClient(
+        follow_redirects=False,
+        timeout=settings.webhook_timeout_seconds,
+        limits=httpx.Limits(max_connections=settings.webhook_concurrency * 2),
+    )
+    deliverer = Deliverer(
+        client,
+        UrlGuard(deny_private=settings.deny_private_webhooks),
+        timeout=settings.webhook_timeout_seconds,
+    )
+    opts = DispatcherOptions(
+        max_retries=settings.webhook_max_retries,
+        retry_base=settings.webhook_retry_base_seconds,
+        retry_cap=settings.webhook_retry_cap_seconds,
+        poll_interval=settings.webhook_poll_interval_seconds,
+        concurrency=settings.webhook_concurrency,
+    )
+    return Dispatcher(store, deliverer, opts, metrics=metrics), client
+
+
 def create_app(
     settings: Settings,
     *,
@@ -63,18 +90,31 @@ def create_app(
         await router.start()
         metrics = Metrics()
         st = AppState(settings=settings, store=store, router=router, metrics=metrics)
-        task: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
+        hook_client: httpx.AsyncClient | None = None
         if settings.run_worker:
-            st.worker = Worker(store, router, worker_options(settings), metrics=metrics)
-            task = asyncio.create_task(st.worker.run(), name="bb-worker")
+            st.dispatcher, hook_client = build_dispatcher(settings, store, metrics)
+            st.worker = Worker(
+                store,
+                router,
+                worker_options(settings),
+                metrics=metrics,
+                after_write=st.dispatcher.wake,
+            )
+            tasks.append(asyncio.create_task(st.worker.run(), name="bb-worker"))
+            tasks.append(asyncio.create_task(st.dispatcher.run(), name="bb-dispatcher"))
         app.state.bb = st
         log.info("backburner %s ready: models %s", __version__, ", ".join(router.models))
         try:
             yield
         finally:
-            if st.worker is not None and task is not None:
+            if st.worker is not None:
                 await st.worker.stop()
-                await task
+            if st.dispatcher is not None:
+                await st.dispatcher.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if hook_client is not None:
+                await hook_client.aclose()
             await router.close()
             await store.close()
 
@@ -92,4 +132,5 @@ def create_app(
         app.include_router(group_router(prefix))
         app.include_router(slow_router(prefix))
     app.include_router(generation_router())
+    app.include_router(webhooks_router())
     return app

@@ -14,8 +14,10 @@ from backburner.api import idempotency
 from backburner.api.auth import tenant
 from backburner.api.bodies import read_json
 from backburner.api.errors import problems_error
+from backburner.api.routes_slow import new_generation
 from backburner.api.state import AppState, app_state
-from backburner.core.states import Kind
+from backburner.core.clock import utcnow
+from backburner.core.states import Kind, State, StateMessage
 from backburner.errors import BackendError
 from backburner.schemas.validation import validate_request
 
@@ -48,6 +50,43 @@ async def _stream(st: AppState, kind: Kind, body: dict[str, Any]) -> Any:
     )
 
 
+async def _run_and_notify(
+    st: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]
+) -> dict[str, Any]:
+    """Run now; when ``metadata.webhook_id`` is set, keep the generation and fire
+    ``generation.completed`` for it, success or failure (SPEC section 5)."""
+    md = body.get("metadata")
+    hook = md.get("webhook_id") if isinstance(md, dict) else None
+    if not isinstance(hook, str):
+        return await st.router.run_realtime(kind, body)
+    started = utcnow()
+    try:
+        resp = await st.router.run_realtime(kind, body)
+    except BackendError as exc:
+        await st.store.record_realtime(
+            tenant_id,
+            new_generation(kind, body),
+            state=State.FAILED,
+            message=exc.message,
+            response=None,
+            dispatched_at=started,
+            expiry_seconds=st.settings.expiry_seconds,
+        )
+        st.wake_dispatcher()
+        raise
+    await st.store.record_realtime(
+        tenant_id,
+        new_generation(kind, body),
+        state=State.SUCCESS,
+        message=StateMessage.COMPLETED,
+        response=resp,
+        dispatched_at=started,
+        expiry_seconds=st.settings.expiry_seconds,
+    )
+    st.wake_dispatcher()
+    return resp
+
+
 async def realtime(kind: Kind, request: Request, tenant_id: str, st: AppState) -> Any:
     body, raw = await read_json(request, st.settings.max_body_bytes)
     problems = validate_request(kind, body, st.router.models, slow=False)
@@ -61,7 +100,7 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, st: AppState) -
         key, replayed = await idempotency.begin(st, tenant_id, request, raw)
         if replayed is not None:
             return replayed
-        resp = await st.router.run_realtime(kind, body)
+        resp = await _run_and_notify(st, tenant_id, kind, body)
         if key is not None:
             await st.store.save_idempotent(
                 tenant_id, key.with_answer(resp), st.settings.idempotency_ttl_seconds

@@ -12,6 +12,7 @@ from backburner.config import Settings
 from backburner.metrics import Metrics
 from backburner.scheduler import Worker
 from backburner.store import Store
+from backburner.webhooks.dispatcher import Dispatcher
 
 
 @dataclass
@@ -21,6 +22,7 @@ class AppState:
     router: ModelRouter
     metrics: Metrics
     worker: Worker | None = None
+    dispatcher: Dispatcher | None = None
     keys_exist: bool = False
     keys_checked_at: float = field(default=0.0)
     key_cache: dict[str, tuple[str | None, float]] = field(default_factory=dict)
@@ -28,6 +30,10 @@ class AppState:
     def wake_worker(self) -> None:
         if self.worker is not None:
             self.worker.wake()
+
+    def wake_dispatcher(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
 
     def now(self) -> float:
         return time.monotonic()

@@ -55,6 +55,7 @@ class Worker:
         metrics: Metrics | None = None,
         worker_id: str | None = None,
         on_groups_completed: Callable[[list[str]], Awaitable[None]] | None = None,
+        after_write: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.router = router
@@ -62,6 +63,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
         self.on_groups_completed = on_groups_completed
+        self.after_write = after_write  # e.g. wake the webhook dispatcher
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._held: set[str] = set()  # claimed and not yet written
         self._results: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=4096)
@@ -236,6 +238,8 @@ class Worker:
                 self.metrics.finished.labels(o.state.value).inc()
         if any(o.state is State.QUEUED for o in batch):
             self._wake.set()
+        if self.after_write is not None:
+            self.after_write()
         if completed:
             self.metrics.groups_completed.inc(len(completed))
             if self.on_groups_completed is not None:
@@ -257,6 +261,8 @@ class Worker:
         expired, completed = await self.store.expire_overdue()
         if completed and self.on_groups_completed is not None:
             await self.on_groups_completed(completed)
+        if expired and self.after_write is not None:
+            self.after_write()
         if recovered or expired:
             log.info("maintenance: %d recovered, %d expired", recovered, expired)
             self._wake.set()

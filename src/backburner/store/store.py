@@ -9,20 +9,16 @@ that is running now, and the tenants' queues interleave round-robin from there.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backburner.core.clock import utcnow
-from backburner.core.ids import new_api_key, new_id
+from backburner.core.ids import new_id
 from backburner.core.outcome import Idempotency, Outcome
 from backburner.core.states import GroupStatus, Kind, State, StateMessage
 from backburner.errors import Conflict, NotFound
@@ -33,60 +29,27 @@ from backburner.schemas.generation import (
     NewGeneration,
 )
 from backburner.store import codec
-from backburner.store.engine import is_sqlite, make_engines
+from backburner.store.base import StoreBase
+from backburner.store.keys import KeysMixin
 from backburner.store.tables import (
-    api_keys,
     generations,
     groups,
     idempotency_keys,
     tenants,
-    webhooks,
 )
+from backburner.store.webhooks import WebhooksMixin
 
 G = generations
 UNFINISHED = (State.QUEUED.value, State.IN_PROGRESS.value)
 
 
-class IdempotencyRace(Exception):
-    """Another request with the same Idempotency-Key committed first."""
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-class Store:
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.sqlite = is_sqlite(url)
-        self._writer, self._reader = make_engines(url)
-
-    @property
-    def engine(self) -> AsyncEngine:
-        return self._writer
-
-    async def close(self) -> None:
-        await self._writer.dispose()
-        if self._reader is not self._writer:
-            await self._reader.dispose()
-
-    async def ping(self) -> None:
-        async with self._reader.connect() as conn:
-            await conn.execute(sa.text("SELECT 1"))
+class Store(WebhooksMixin, KeysMixin, StoreBase):
+    """Generations and groups; keys, idempotency and webhooks come from the mixins."""
 
     # ------------------------------------------------------------------ enqueue
     async def _fair_keys(self, conn: AsyncConnection, tenant: str, n: int) -> int:
         """Reserve ``n`` consecutive fair keys for ``tenant``; returns the first."""
-        if self.sqlite:
-            await conn.execute(
-                sqlite_dialect.insert(tenants)
-                .values(tenant=tenant, vclock=0)
-                .on_conflict_do_nothing()
-            )
-        else:
-            await conn.execute(
-                pg_dialect.insert(tenants).values(tenant=tenant, vclock=0).on_conflict_do_nothing()
-            )
+        await self._insert_ignore(conn, tenants, {"tenant": tenant, "vclock": 0})
         vclock = (
             await conn.execute(
                 sa.select(tenants.c.vclock).where(tenants.c.tenant == tenant).with_for_update()
@@ -102,31 +65,6 @@ class Store:
             tenants.update().where(tenants.c.tenant == tenant).values(vclock=start + n)
         )
         return start + 1
-
-    async def _save_idempotency(
-        self, conn: AsyncConnection, tenant: str, idem: Idempotency, now: datetime, ttl: float
-    ) -> None:
-        await conn.execute(
-            idempotency_keys.delete().where(
-                idempotency_keys.c.tenant == tenant,
-                idempotency_keys.c.key == idem.key,
-                idempotency_keys.c.created_at < now - timedelta(seconds=ttl),
-            )
-        )
-        try:
-            async with conn.begin_nested():
-                await conn.execute(
-                    idempotency_keys.insert().values(
-                        tenant=tenant,
-                        key=idem.key,
-                        request_hash=idem.request_hash,
-                        status_code=idem.status_code,
-                        response=codec.dumps(idem.response),
-                        created_at=now,
-                    )
-                )
-        except IntegrityError as exc:
-            raise IdempotencyRace from exc
 
     def _gen_rows(
         self,
@@ -242,6 +180,37 @@ class Store:
             counts=GroupCounts(queued=len(items)),
         )
 
+    async def record_realtime(
+        self,
+        tenant: str,
+        item: NewGeneration,
+        *,
+        state: State,
+        message: str,
+        response: dict[str, Any] | None,
+        dispatched_at: datetime,
+        expiry_seconds: float,
+    ) -> GenerationRecord:
+        """Keep a finished realtime request whose metadata names a webhook, and queue its
+        ``generation.completed`` event in the same transaction."""
+        now = utcnow()
+        row = self._gen_rows(
+            tenant, [item], [new_id()], 0, now, now + timedelta(seconds=expiry_seconds)
+        )[0]
+        row.update(
+            state=state.value,
+            state_message=message,
+            response=codec.dumps(response) if response is not None else None,
+            attempts=1,
+            dispatched_at=dispatched_at,
+            finished_at=now,
+        )
+        async with self._writer.begin() as conn:
+            await conn.execute(G.insert(), [row])
+            rec = codec.generation(row)
+            await self._enqueue_generation_event(conn, rec, now)
+        return rec
+
     # ------------------------------------------------------------------ read
     async def get_generation(self, tenant: str, generation_id: str) -> GenerationRecord:
         async with self._reader.connect() as conn:
@@ -300,6 +269,21 @@ class Store:
         return codec.group(row, counts), gens
 
     # ------------------------------------------------------------------ terminal bookkeeping
+    async def _after_terminal(
+        self, conn: AsyncConnection, finished: Sequence[Any], now: datetime
+    ) -> list[str]:
+        """In the transaction that made generations terminal: queue their webhook events and
+        count them against their groups. ``finished`` rows carry id, group_id and webhook_id."""
+        per_group: Counter[str] = Counter()
+        for r in finished:
+            m = r._mapping
+            if m["webhook_id"]:
+                full = (await conn.execute(sa.select(G).where(G.c.id == m["id"]))).one()
+                await self._enqueue_generation_event(conn, codec.generation(full), now)
+            if m["group_id"]:
+                per_group[m["group_id"]] += 1
+        return await self._groups_finished(conn, per_group, now)
+
     async def _groups_finished(
         self, conn: AsyncConnection, per_group: Counter[str], now: datetime
     ) -> list[str]:
@@ -335,7 +319,24 @@ class Store:
                 )
                 if done.rowcount == 1:
                     completed.append(group_id)
+                    await self._group_completed_event(conn, group_id, now)
         return completed
+
+    async def _group_completed_event(
+        self, conn: AsyncConnection, group_id: str, now: datetime
+    ) -> None:
+        row = (await conn.execute(sa.select(groups).where(groups.c.id == group_id))).one()
+        if not row._mapping["webhook_id"]:
+            return
+        counts = await self._group_counts(conn, group_id)
+        gens = (
+            await conn.execute(
+                sa.select(G).where(G.c.group_id == group_id).order_by(G.c.group_index)
+            )
+        ).all()
+        await self._enqueue_group_event(
+            conn, codec.group(row, counts), [codec.generation(g) for g in gens], now
+        )
 
     async def cancel_generation(self, tenant: str, generation_id: str) -> GenerationRecord:
         now = utcnow()
@@ -358,8 +359,8 @@ class Store:
                     .returning(G)
                 )
             ).first()
-            if row is not None and row._mapping["group_id"]:
-                await self._groups_finished(conn, Counter([row._mapping["group_id"]]), now)
+            if row is not None:
+                await self._after_terminal(conn, [row], now)
         if row is None:
             current = await self.get_generation(tenant, generation_id)  # 404 if not ours
             raise Conflict(
@@ -391,17 +392,19 @@ class Store:
                 .where(groups.c.id == group_id)
                 .values(status=GroupStatus.CANCELLED.value)
             )
-            res = await conn.execute(
-                G.update()
-                .where(G.c.group_id == group_id, G.c.state == State.QUEUED.value)
-                .values(
-                    state=State.FAILED.value,
-                    state_message=StateMessage.CANCELLED,
-                    finished_at=now,
+            rows = (
+                await conn.execute(
+                    G.update()
+                    .where(G.c.group_id == group_id, G.c.state == State.QUEUED.value)
+                    .values(
+                        state=State.FAILED.value,
+                        state_message=StateMessage.CANCELLED,
+                        finished_at=now,
+                    )
+                    .returning(G.c.id, G.c.group_id, G.c.webhook_id)
                 )
-            )
-            if res.rowcount:
-                await self._groups_finished(conn, Counter({group_id: res.rowcount}), now)
+            ).all()
+            await self._after_terminal(conn, rows, now)
         group, _ = await self.get_group(tenant, group_id)
         return group
 
@@ -469,7 +472,7 @@ class Store:
         if not outcomes:
             return []
         now = utcnow()
-        per_group: Counter[str] = Counter()
+        finished: list[Any] = []
         async with self._writer.begin() as conn:
             for o in outcomes:
                 values: dict[str, Any] = {
@@ -492,12 +495,12 @@ class Store:
                             G.c.lease_owner == worker_id,
                         )
                         .values(**values)
-                        .returning(G.c.group_id)
+                        .returning(G.c.id, G.c.group_id, G.c.webhook_id)
                     )
                 ).first()
-                if row is not None and row[0] and o.state.terminal:
-                    per_group[row[0]] += 1
-            return await self._groups_finished(conn, per_group, now)
+                if row is not None and o.state.terminal:
+                    finished.append(row)
+            return await self._after_terminal(conn, finished, now)
 
     async def release(self, worker_id: str, ids: Sequence[str]) -> int:
         """Give back generations a stopping worker did not finish (the try is not counted)."""
@@ -563,7 +566,7 @@ class Store:
                         state_message=StateMessage.EXPIRED,
                         finished_at=now,
                     )
-                    .returning(G.c.group_id)
+                    .returning(G.c.id, G.c.group_id, G.c.webhook_id)
                 )
             ).all()
             await conn.execute(
@@ -575,113 +578,10 @@ class Store:
                 )
                 .values(status=GroupStatus.EXPIRED.value)
             )
-            per_group = Counter(r[0] for r in rows if r[0])
-            completed = await self._groups_finished(conn, per_group, now)
+            completed = await self._after_terminal(conn, rows, now)
             await conn.execute(
                 idempotency_keys.delete().where(
                     idempotency_keys.c.created_at < now - timedelta(days=2)
                 )
             )
         return len(rows), completed
-
-    # ------------------------------------------------------------------ idempotency
-    async def idempotent_answer(
-        self, tenant: str, key: str, ttl_seconds: float
-    ) -> tuple[str, int, Any] | None:
-        cutoff = utcnow() - timedelta(seconds=ttl_seconds)
-        async with self._reader.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(
-                        idempotency_keys.c.request_hash,
-                        idempotency_keys.c.status_code,
-                        idempotency_keys.c.response,
-                    ).where(
-                        idempotency_keys.c.tenant == tenant,
-                        idempotency_keys.c.key == key,
-                        idempotency_keys.c.created_at >= cutoff,
-                    )
-                )
-            ).first()
-        if row is None:
-            return None
-        return row[0], int(row[1]), codec.loads(row[2])
-
-    async def save_idempotent(self, tenant: str, idem: Idempotency, ttl_seconds: float) -> None:
-        async with self._writer.begin() as conn:
-            await self._save_idempotency(conn, tenant, idem, utcnow(), ttl_seconds)
-
-    # ------------------------------------------------------------------ webhooks
-    async def webhook_exists(self, tenant: str, webhook_id: str) -> bool:
-        async with self._reader.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(webhooks.c.id).where(
-                        webhooks.c.id == webhook_id, webhooks.c.tenant == tenant
-                    )
-                )
-            ).first()
-        return row is not None
-
-    # ------------------------------------------------------------------ API keys
-    async def create_key(self, tenant: str, name: str | None = None) -> tuple[str, str]:
-        key = new_api_key()
-        kid = new_id()
-        async with self._writer.begin() as conn:
-            await conn.execute(
-                api_keys.insert().values(
-                    id=kid,
-                    tenant=tenant,
-                    key_hash=hash_key(key),
-                    prefix=key[:10],
-                    name=name,
-                    created_at=utcnow(),
-                    revoked_at=None,
-                )
-            )
-        return kid, key
-
-    async def tenant_for_key(self, key: str) -> str | None:
-        async with self._reader.connect() as conn:
-            return (
-                await conn.execute(
-                    sa.select(api_keys.c.tenant).where(
-                        api_keys.c.key_hash == hash_key(key), api_keys.c.revoked_at.is_(None)
-                    )
-                )
-            ).scalar_one_or_none()
-
-    async def has_keys(self) -> bool:
-        async with self._reader.connect() as conn:
-            n = (
-                await conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(api_keys)
-                    .where(api_keys.c.revoked_at.is_(None))
-                )
-            ).scalar_one()
-        return int(n) > 0
-
-    async def list_keys(self) -> list[dict[str, Any]]:
-        async with self._reader.connect() as conn:
-            rows = (await conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at))).all()
-        return [
-            {
-                "id": r.id,
-                "tenant": r.tenant,
-                "prefix": r.prefix,
-                "name": r.name,
-                "created_at": r.created_at,
-                "revoked_at": r.revoked_at,
-            }
-            for r in rows
-        ]
-
-    async def revoke_key(self, key_id: str) -> bool:
-        async with self._writer.begin() as conn:
-            res = await conn.execute(
-                api_keys.update()
-                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-            )
-        return bool(res.rowcount)

@@ -125,6 +125,45 @@ webhooks = sa.Table(
     sa.Column("updated_at", UTCDateTime(), nullable=False),
 )
 
+# The outbox: one row per event to deliver to one endpoint, written in the same transaction as the
+# state change that causes it. ``id`` is the Standard Webhooks message id, stable across retries.
+webhook_events = sa.Table(
+    "webhook_events",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("webhook_id", ID, nullable=True),
+    sa.Column("url", sa.Text(), nullable=True),  # for a batch's webhook_url (no registered hook)
+    sa.Column("event", sa.String(64), nullable=False),
+    sa.Column("payload", sa.Text(), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # pending | delivered | failed
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", UTCDateTime(), nullable=False),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("last_error", sa.Text(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("delivered_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_webhook_events_state_next_attempt_at", "state", "next_attempt_at"),
+    sa.Index("ix_webhook_events_webhook_id_created_at", "webhook_id", "created_at"),
+)
+
+# The delivery log: every attempt of every event.
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("event_id", sa.String(40), nullable=False, index=True),
+    sa.Column("webhook_id", ID, nullable=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("attempt", sa.Integer(), nullable=False),
+    sa.Column("status_code", sa.Integer(), nullable=True),
+    sa.Column("duration_ms", sa.Integer(), nullable=False),
+    sa.Column("error", sa.Text(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Index("ix_webhook_attempts_webhook_id_created_at", "webhook_id", "created_at"),
+)
+
 idempotency_keys = sa.Table(
     "idempotency_keys",
     metadata,

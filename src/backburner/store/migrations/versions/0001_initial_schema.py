@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 17:02:42.735006
+Create Date: 2026-11-25 17:07:21.756708
 """
 
 from __future__ import annotations
@@ -109,6 +109,53 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("tenant", name=op.f("pk_tenants")),
     )
     op.create_table(
+        "webhook_attempts",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("event_id", sa.String(length=40), nullable=False),
+        sa.Column("webhook_id", sa.String(length=32), nullable=True),
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("status_code", sa.Integer(), nullable=True),
+        sa.Column("duration_ms", sa.Integer(), nullable=False),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_attempts")),
+    )
+    with op.batch_alter_table("webhook_attempts", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_webhook_attempts_event_id"), ["event_id"], unique=False
+        )
+        batch_op.create_index(
+            "ix_webhook_attempts_webhook_id_created_at", ["webhook_id", "created_at"], unique=False
+        )
+
+    op.create_table(
+        "webhook_events",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("webhook_id", sa.String(length=32), nullable=True),
+        sa.Column("url", sa.Text(), nullable=True),
+        sa.Column("event", sa.String(length=64), nullable=False),
+        sa.Column("payload", sa.Text(), nullable=False),
+        sa.Column("state", sa.String(length=16), nullable=False),
+        sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(), nullable=False),
+        sa.Column("lease_owner", sa.String(length=64), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(), nullable=True),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("delivered_at", sa.DateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_webhook_events")),
+    )
+    with op.batch_alter_table("webhook_events", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_webhook_events_state_next_attempt_at", ["state", "next_attempt_at"], unique=False
+        )
+        batch_op.create_index(
+            "ix_webhook_events_webhook_id_created_at", ["webhook_id", "created_at"], unique=False
+        )
+
+    op.create_table(
         "webhooks",
         sa.Column("id", sa.String(length=32), nullable=False),
         sa.Column("tenant", sa.String(length=128), nullable=False),
@@ -131,6 +178,16 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_webhooks_tenant"))
 
     op.drop_table("webhooks")
+    with op.batch_alter_table("webhook_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_webhook_events_webhook_id_created_at")
+        batch_op.drop_index("ix_webhook_events_state_next_attempt_at")
+
+    op.drop_table("webhook_events")
+    with op.batch_alter_table("webhook_attempts", schema=None) as batch_op:
+        batch_op.drop_index("ix_webhook_attempts_webhook_id_created_at")
+        batch_op.drop_index(batch_op.f("ix_webhook_attempts_event_id"))
+
+    op.drop_table("webhook_attempts")
     op.drop_table("tenants")
     with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_idempotency_keys_created_at"))

@@ -1,0 +1,311 @@
+"""How fast does backburner drain a queue, compared with calling the upstream directly?
+
+    python bench/drain.py [-n 2000] [--concurrency 32] [--latency-ms 20]
+                          [--postgres postgresql://postgres@127.0.0.1:5432/postgres] [--no-sqlite]
+
+What it measures (all processes on this machine, loopback only):
+
+1. **direct**: ``tests/support/upstream.py`` is started; an ``httpx.AsyncClient`` with
+   ``--concurrency`` workers (and as many connections) sends N chat completions to it.
+   direct rate = N / wall time (after a short warm-up that is not counted).
+2. **submit**: ``backburner serve --no-worker`` (SQLite in a temp dir, or a fresh PostgreSQL
+   database) with one ``openai`` backend pointing at the upstream, ``max_concurrency`` =
+   ``--concurrency``. ``--concurrency`` submitters POST the same N requests to
+   ``/v1/slow/chat/completions``. submit rate = N / wall time. Nothing runs while submitting, so
+   the drain below starts from a full queue and the two numbers do not disturb each other.
+3. **drain**: the API-only server is stopped (SIGTERM) and ``backburner serve`` (API + worker) is
+   started on the same database. Completion is detected by polling ``GET /metrics``
+   (``backburner_generations_finished_total``) every 100 ms. Then every generation is fetched
+   (``GET /v1/generation/{id}``), checked (Success, metadata and echo correct), and
+   drain rate = N / (latest ``finishedAt`` - earliest ``dispatchedAt``): the service's own
+   timestamps, so process start-up and the polling interval are not counted.
+
+The ratio drain/direct is the figure of merit; the requirement is >= 0.5. Everything is bounded by
+``--timeout`` (a hard deadline for the whole run); subprocesses are killed on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.support import procs  # noqa: E402
+
+MODEL = procs.UPSTREAM_MODEL
+REQUIRED_RATIO = 0.5
+
+
+def chat_body(i: int) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"request {i}"}],
+        "max_tokens": 16,
+        "metadata": {"custom_id": f"req-{i}"},
+    }
+
+
+async def run_pool(n: int, concurrency: int, one: Callable[[int], Awaitable[None]]) -> float:
+    """Run ``one(i)`` for i in range(n) on ``concurrency`` tasks; returns the wall seconds."""
+    it = iter(range(n))
+
+    async def worker() -> None:
+        for i in it:
+            await one(i)
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(concurrency):
+            tg.create_task(worker())
+    return time.perf_counter() - start
+
+
+def client(base_url: str, concurrency: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(60.0),
+        limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+    )
+
+
+async def measure_direct(upstream: str, n: int, concurrency: int) -> float:
+    async with client(upstream, concurrency) as c:
+
+        async def one(i: int) -> None:
+            r = await c.post("/v1/chat/completions", json=chat_body(i))
+            r.raise_for_status()
+
+        await run_pool(min(n, 4 * concurrency), concurrency, one)  # warm-up: connections open
+        return n / await run_pool(n, concurrency, one)
+
+
+async def submit_all(base: str, n: int, concurrency: int) -> tuple[list[str], float]:
+    ids: list[str] = [""] * n
+    async with client(base, concurrency) as c:
+
+        async def one(i: int) -> None:
+            r = await c.post("/v1/slow/chat/completions", json=chat_body(i))
+            r.raise_for_status()
+            ids[i] = r.json()["id"]
+
+        seconds = await run_pool(n, concurrency, one)
+    return ids, seconds
+
+
+def finished_from_metrics(text: str) -> int:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("backburner_generations_finished_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+async def wait_drained(base: str, n: int, deadline: float) -> float:
+    """Poll /metrics until n generations finished; returns wall seconds since the call."""
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=10.0) as c:
+        while True:
+            r = await c.get("/metrics")
+            if finished_from_metrics(r.text) >= n:
+                return time.perf_counter() - start
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"drain not finished in time ({finished_from_metrics(r.text)}/{n})"
+                )
+            await asyncio.sleep(0.1)
+
+
+def _ts(s: str) -> datetime:
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+async def drain_window(base: str, ids: list[str], concurrency: int) -> tuple[float, int]:
+    """Fetch and check every generation; returns (last finish - first dispatch, max attempts)."""
+    gens: list[dict[str, Any]] = [{}] * len(ids)
+    async with client(base, concurrency) as c:
+
+        async def one(i: int) -> None:
+            r = await c.get(f"/v1/generation/{ids[i]}")
+            r.raise_for_status()
+            gens[i] = r.json()
+
+        await run_pool(len(ids), concurrency, one)
+    bad = [
+        (i, g.get("state"), g.get("stateMessage"))
+        for i, g in enumerate(gens)
+        if g.get("state") != "Success"
+        or g["request"]["metadata"] != {"custom_id": f"req-{i}"}
+        or g["response"]["choices"][0]["message"]["content"] != f"echo: request {i}"
+    ]
+    if bad:
+        raise AssertionError(f"{len(bad)} generations wrong, e.g. {bad[:3]}")
+    first = min(_ts(g["dispatchedAt"]) for g in gens)
+    last = max(_ts(g["finishedAt"]) for g in gens)
+    return (last - first).total_seconds(), max(int(g["attempts"]) for g in gens)
+
+
+@contextlib.asynccontextmanager
+async def fresh_postgres(base_url: str) -> AsyncIterator[str]:
+    """CREATE a fresh database on the server of ``base_url``; DROP it afterwards."""
+    import asyncpg
+    import sqlalchemy as sa
+
+    url = sa.make_url(base_url)
+    name = f"bb_bench_{uuid.uuid4().hex[:10]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(
+            host=url.host or "127.0.0.1",
+            port=url.port or 5432,
+            user=url.username or "postgres",
+            password=url.password,
+            database=url.database or "postgres",
+            timeout=10,
+        )
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    await admin(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
+    finally:
+        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Row:
+    store: str
+    submit_rate: float
+    drain_rate: float
+    drain_wall: float
+    max_attempts: int
+
+
+async def bench_store(
+    label: str,
+    database_url: str,
+    upstream: str,
+    work: Path,
+    args: argparse.Namespace,
+    deadline: float,
+) -> Row:
+    n, conc = args.requests, args.concurrency
+    cfg = procs.write_config(
+        work / f"{label}.toml",
+        database_url,
+        upstream_url=upstream,
+        max_concurrency=conc,
+        log_level="warning",
+    )
+    api = await asyncio.to_thread(procs.start_serve, cfg, work, extra_args=["--no-worker"])
+    try:
+        ids, submit_s = await submit_all(api.base_url, n, conc)
+    finally:
+        await asyncio.to_thread(procs.stop, api)
+    started = time.perf_counter()
+    srv = await asyncio.to_thread(procs.start_serve, cfg, work)
+    try:
+        await wait_drained(srv.base_url, n, deadline)
+        wall = time.perf_counter() - started
+        window, attempts = await drain_window(srv.base_url, ids, conc)
+    finally:
+        await asyncio.to_thread(procs.stop, srv)
+    return Row(label, n / submit_s, n / window, wall, attempts)
+
+
+async def main(args: argparse.Namespace) -> int:
+    console = Console()
+    deadline = time.monotonic() + args.timeout
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
+        work = Path(tmp)
+        up = await asyncio.to_thread(procs.start_upstream, work, latency_ms=args.latency_ms)
+        try:
+            async with asyncio.timeout(args.timeout):
+                console.log(f"direct: {args.requests} requests at concurrency {args.concurrency}")
+                direct = await measure_direct(up.base_url, args.requests, args.concurrency)
+                if not args.no_sqlite:
+                    console.log("sqlite: submit, then drain")
+                    url = f"sqlite:///{work}/bb.db"
+                    rows.append(await bench_store("SQLite", url, up.base_url, work, args, deadline))
+                if args.postgres:
+                    console.log("postgresql: submit, then drain")
+                    async with fresh_postgres(args.postgres) as url:
+                        rows.append(
+                            await bench_store("PostgreSQL", url, up.base_url, work, args, deadline)
+                        )
+        except BaseException:
+            log = work / "serve.log"
+            if log.exists():
+                console.print(log.read_text(errors="replace")[-3000:])
+            raise
+        finally:
+            await asyncio.to_thread(procs.stop, up)
+
+    table = Table(
+        title=(
+            f"backburner drain: N={args.requests}, concurrency {args.concurrency}, "
+            f"upstream latency {args.latency_ms:g} ms"
+        )
+    )
+    for col in (
+        "store",
+        "direct req/s",
+        "submit req/s",
+        "drain req/s",
+        "drain/direct",
+        "drain wall s",
+        "max attempts",
+        f">= {REQUIRED_RATIO}",
+    ):
+        table.add_column(col, justify="left" if col == "store" else "right")
+    ok = True
+    for r in rows:
+        ratio = r.drain_rate / direct
+        ok = ok and ratio >= REQUIRED_RATIO
+        table.add_row(
+            r.store,
+            f"{direct:.0f}",
+            f"{r.submit_rate:.0f}",
+            f"{r.drain_rate:.0f}",
+            f"{ratio:.2f}",
+            f"{r.drain_wall:.1f}",
+            str(r.max_attempts),
+            "yes" if ratio >= REQUIRED_RATIO else "NO",
+        )
+    console.print(table)
+    return 0 if ok else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-n", "--requests", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--latency-ms", type=float, default=20.0, help="upstream latency per request")
+    p.add_argument("--postgres", metavar="URL", help="also run on PostgreSQL (a fresh database)")
+    p.add_argument("--no-sqlite", action="store_true", help="skip the SQLite run")
+    p.add_argument("--timeout", type=float, default=900.0, help="hard limit for the whole run, s")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_args())))

@@ -1,0 +1,120 @@
+"""Webhook wire shapes (SPEC section 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from backburner.core.clock import iso
+
+EventName = Literal[
+    "generation.completed",
+    "async-embedding.completed",
+    "slow-group.completed",
+    "webhook.test",
+    "batch.completed",
+]
+ALL_EVENTS: tuple[str, ...] = (
+    "generation.completed",
+    "async-embedding.completed",
+    "slow-group.completed",
+    "webhook.test",
+    "batch.completed",
+)
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048)
+    name: str | None = Field(default=None, max_length=200)
+    events: list[EventName] | None = None
+    enabled: bool = True
+
+
+class WebhookUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(default=None, min_length=1, max_length=2048)
+    name: str | None = Field(default=None, max_length=200)
+    events: list[EventName] | None = None
+    enabled: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRecord:
+    id: str
+    tenant: str
+    url: str
+    name: str | None
+    secret: str
+    events: list[str]
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+    def subscribed(self, event: str) -> bool:
+        return self.enabled and event in self.events
+
+    def to_wire(self, *, with_secret: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": "webhook",
+            "url": self.url,
+            "name": self.name,
+            "events": list(self.events),
+            "enabled": self.enabled,
+            "createdAt": iso(self.created_at),
+            "updatedAt": iso(self.updated_at),
+        }
+        if with_secret:
+            out["secret"] = self.secret
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DueEvent:
+    """An outbox row claimed for delivery, with its endpoint."""
+
+    id: str
+    tenant: str
+    webhook_id: str | None
+    url: str | None
+    secret: str | None
+    endpoint_enabled: bool
+    event: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    id: str
+    event_id: str
+    webhook_id: str | None
+    event: str
+    attempt: int
+    status_code: int | None
+    duration_ms: int
+    error: str | None
+    created_at: datetime
+    delivery_state: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "webhook.delivery_attempt",
+            "deliveryId": self.event_id,
+            "webhookId": self.webhook_id,
+            "event": self.event,
+            "attempt": self.attempt,
+            "statusCode": self.status_code,
+            "durationMs": self.duration_ms,
+            "error": self.error,
+            "createdAt": iso(self.created_at),
+            "deliveryState": self.delivery_state,
+        }

@@ -1,0 +1,265 @@
+"""One webhook delivery attempt, over an injected ``httpx.AsyncClient`` (SPEC section 6).
+
+An attempt is: check the URL (scheme, host, and optionally that it is not a private address),
+serialise the payload, send an ``OPTIONS`` readiness request, then ``POST`` the signed JSON.
+Redirects are never followed. The outcome is an :class:`Attempt`; whether to try again is
+decided here (``retryable``), when is :func:`next_delay`'s job, and the outbox records both.
+
+    2xx                          delivered
+    410                          failed, never retried, endpoint disabled
+    3xx, other 4xx               failed, never retried
+    5xx, 408, 429                retried (honouring Retry-After)
+    timeout, connection error    retried
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+
+from backburner.core.retry import Backoff
+from backburner.errors import InvalidRequest
+from backburner.webhooks.events import headers_for
+from backburner.webhooks.signing import signature_headers
+
+MAX_PAYLOAD_BYTES = 10 * 1024 * 1024
+USER_AGENT = "backburner-webhooks/1"
+REDIRECT_ERROR = "redirects are not followed"
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class HostUnresolvable(InvalidRequest):
+    """The webhook URL's host name could not be resolved."""
+
+    retryable = True  # DNS failures are usually transient
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (``getaddrinfo`` in the loop's thread pool)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+def is_public(addr: IPAddress) -> bool:
+    """False for loopback, private, link-local, reserved, multicast and unspecified addresses."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        embedded = addr.ipv4_mapped or addr.sixtofour
+        if embedded is not None and not is_public(embedded):
+            return False
+        if addr.teredo is not None and not all(is_public(a) for a in addr.teredo):
+            return False
+    return addr.is_global and not (
+        addr.is_loopback
+        or addr.is_private
+        or addr.is_link_local
+        or addr.is_reserved
+        or addr.is_multicast
+        or addr.is_unspecified
+    )
+
+
+class UrlGuard:
+    """Refuses URLs a webhook must not be sent to; ``deny_private`` also refuses internal hosts."""
+
+    def __init__(self, deny_private: bool, resolver: Resolver | None = None) -> None:
+        self.deny_private = deny_private
+        self._resolve = resolver or resolve
+
+    async def check(self, url: str) -> None:
+        """Raise :class:`InvalidRequest` (``param="url"``) when ``url`` is not allowed."""
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise InvalidRequest(f"url is not a valid URL: {exc}", param="url") from exc
+        if parsed.scheme not in ("http", "https"):
+            raise InvalidRequest("url must start with http:// or https://", param="url")
+        host = parsed.host
+        if not host:
+            raise InvalidRequest("url must name a host", param="url")
+        if not self.deny_private:
+            return
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        for addr in await self._addresses(host.rstrip("."), port):
+            if not is_public(addr):
+                raise InvalidRequest(
+                    f"url must not point to a private or internal address ({host} is {addr})",
+                    param="url",
+                )
+
+    async def _addresses(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            return [ipaddress.ip_address(host)]
+        except ValueError:
+            pass
+        try:
+            found = await self._resolve(host, port)
+        except (OSError, UnicodeError) as exc:
+            raise HostUnresolvable(f"url host {host!r} cannot be resolved", param="url") from exc
+        if not found:
+            raise HostUnresolvable(f"url host {host!r} cannot be resolved", param="url")
+        # Scoped IPv6 results look like "fe80::1%eth0"; the scope is irrelevant to the check.
+        return [ipaddress.ip_address(a.split("%", 1)[0]) for a in found]
+
+
+@dataclass
+class Attempt:
+    """What one delivery attempt did; the outbox logs it and decides what happens next."""
+
+    status_code: int | None
+    duration_ms: int
+    error: str | None
+    delivered: bool
+    retryable: bool
+    retry_after: float | None
+    disable_endpoint: bool
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """``Retry-After`` as seconds from now: delta-seconds or an HTTP date; None when unusable."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):  # NaN, infinities
+        return None
+    return max(0.0, seconds)
+
+
+def next_delay(
+    attempt: int,
+    retry_after: float | None,
+    base: float = 1.0,
+    cap: float = 300.0,
+    *,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait after the ``attempt``-th failed try (1-based).
+
+    Exponential with jitter (``base * 2**(attempt-1)``, scaled by 0.5-1.0), never sooner than the
+    receiver's ``Retry-After``, and never more than ``cap``.
+    """
+    delay = Backoff(base_seconds=base, cap_seconds=cap, jitter=0.5).delay(attempt, rng)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return float(min(cap, max(0.0, delay)))
+
+
+def _classify(status: int, retry_after: float | None, ms: int) -> Attempt:
+    if 200 <= status < 300:
+        return Attempt(status, ms, None, True, False, None, False)
+    if 300 <= status < 400:
+        return Attempt(status, ms, REDIRECT_ERROR, False, False, None, False)
+    if status == 410:
+        return Attempt(status, ms, "HTTP 410 Gone: endpoint disabled", False, False, None, True)
+    retryable = status >= 500 or status in (408, 429) or status < 200
+    return Attempt(status, ms, f"HTTP {status}", False, retryable, retry_after, False)
+
+
+class Deliverer:
+    """Makes delivery attempts with a shared client; holds no state between attempts."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        guard: UrlGuard,
+        timeout: float = 30.0,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
+        self.client = client
+        self.guard = guard
+        self.timeout = timeout
+        self.max_payload_bytes = max_payload_bytes
+
+    async def deliver(
+        self,
+        url: str,
+        secret: str,
+        message_id: str,
+        payload: dict[str, Any],
+        timestamp: datetime,
+    ) -> Attempt:
+        """One attempt: OPTIONS, then the signed POST. Never raises for delivery failures."""
+        started = time.monotonic()
+
+        def failed(error: str, retryable: bool, status: int | None = None) -> Attempt:
+            return Attempt(status, _ms(started), error, False, retryable, None, False)
+
+        try:
+            await self.guard.check(url)
+        except InvalidRequest as exc:
+            return failed(exc.message, exc.retryable)
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if len(body) > self.max_payload_bytes:
+            return failed(
+                f"payload is {len(body)} bytes, over the {self.max_payload_bytes}-byte limit",
+                False,
+            )
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            **headers_for(payload),
+            **signature_headers(secret, message_id, timestamp, body),
+        }
+        try:
+            # Readiness: any HTTP answer (even 404/405) lets the POST go ahead.
+            await self._send("OPTIONS", url, {"User-Agent": USER_AGENT}, None)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            return failed(f"OPTIONS readiness check failed: {_describe(exc, self.timeout)}", True)
+        try:
+            status, retry_after_header = await self._send("POST", url, headers, body)
+        except (httpx.TransportError, TimeoutError) as exc:  # timeouts, connection errors
+            return failed(_describe(exc, self.timeout), True)
+        except httpx.HTTPError as exc:  # e.g. an invalid URL httpx refuses
+            return failed(_describe(exc, self.timeout), False)
+        return _classify(status, parse_retry_after(retry_after_header), _ms(started))
+
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None
+    ) -> tuple[int, str | None]:
+        """Status and Retry-After of one request; the response body is never read."""
+        async with (
+            asyncio.timeout(self.timeout),
+            self.client.stream(
+                method,
+                url,
+                headers=headers,
+                content=body,
+                follow_redirects=False,
+                timeout=self.timeout,
+            ) as response,
+        ):
+            return response.status_code, response.headers.get("Retry-After")
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return f"timed out after {timeout:g}s"
+    if isinstance(exc, httpx.ConnectError):
+        return f"connection failed: {exc or type(exc).__name__}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
