@@ -7,7 +7,9 @@ What it measures (all processes on this machine, loopback only):
 
 1. **direct**: ``tests/support/upstream.py`` is started; an ``httpx.AsyncClient`` with
    ``--concurrency`` workers (and as many connections) sends N chat completions to it.
-   direct rate = N / wall time (after a short warm-up that is not counted).
+   direct rate = N / wall time (after a short warm-up that is not counted). It is measured just
+   before step 2 and again just after step 3, and a row shows the mean, so a machine that gets
+   busier or quieter during the run does not skew the ratio.
 2. **submit**: ``backburner serve --no-worker`` (SQLite in a temp dir, or a fresh PostgreSQL
    database) with one ``openai`` backend pointing at the upstream, ``max_concurrency`` =
    ``--concurrency``. ``--concurrency`` submitters POST the same N requests to
@@ -29,6 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,15 +91,27 @@ def client(base_url: str, concurrency: int) -> httpx.AsyncClient:
     )
 
 
-async def measure_direct(upstream: str, n: int, concurrency: int) -> float:
-    async with client(upstream, concurrency) as c:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure_direct(upstream: procs.Proc, n: int, concurrency: int) -> tuple[float, float]:
+    """Returns (requests per second, client CPU ms per request)."""
+    async with client(upstream.base_url, concurrency) as c:
 
         async def one(i: int) -> None:
             r = await c.post("/v1/chat/completions", json=chat_body(i))
             r.raise_for_status()
 
         await run_pool(min(n, 4 * concurrency), concurrency, one)  # warm-up: connections open
-        return n / await run_pool(n, concurrency, one)
+        cpu = time.process_time()
+        seconds = await run_pool(n, concurrency, one)
+        return n / seconds, (time.process_time() - cpu) * 1000 / n
 
 
 async def submit_all(base: str, n: int, concurrency: int) -> tuple[list[str], float]:
@@ -191,109 +209,171 @@ async def fresh_postgres(base_url: str) -> AsyncIterator[str]:
         await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def start_profiler(srv: procs.Proc, out: Path) -> subprocess.Popen[bytes]:
+    """Sample the drain server with py-spy (``pip install py-spy``) until :func:`stop_profiler`.
+
+    The output is collapsed stacks (one ``frame;frame;... count`` a line), on-CPU samples only.
+    """
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [spy, "record", "--pid", str(srv.pid), "--rate", "100", "--format", "raw"]
+    argv.append("--nonblocking")  # do not pause the server to sample it
+    return subprocess.Popen(
+        [*argv, "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its output on Ctrl-C
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait(10)
+
+
 @dataclass
 class Row:
     store: str
+    direct_rate: float  # mean of the runs just before and just after this store's drain
+    client_cpu_ms: float
     submit_rate: float
     drain_rate: float
     drain_wall: float
     max_attempts: int
+    server_cpu_ms: float
+
+    @property
+    def ratio(self) -> float:
+        return self.drain_rate / self.direct_rate
 
 
 async def bench_store(
     label: str,
     database_url: str,
-    upstream: str,
+    upstream: procs.Proc,
     work: Path,
     args: argparse.Namespace,
     deadline: float,
+    log: Callable[[str], None],
 ) -> Row:
     n, conc = args.requests, args.concurrency
+    log(f"{label}: direct, {n} requests at concurrency {conc}")
+    before, client_ms_1 = await measure_direct(upstream, n, conc)
     cfg = procs.write_config(
         work / f"{label}.toml",
         database_url,
-        upstream_url=upstream,
+        upstream_url=upstream.base_url,
         max_concurrency=conc,
         log_level="warning",
     )
+    log(f"{label}: submit {n} to serve --no-worker")
     api = await asyncio.to_thread(procs.start_serve, cfg, work, extra_args=["--no-worker"])
     try:
         ids, submit_s = await submit_all(api.base_url, n, conc)
     finally:
         await asyncio.to_thread(procs.stop, api)
+    log(f"{label}: drain with serve")
     started = time.perf_counter()
     srv = await asyncio.to_thread(procs.start_serve, cfg, work)
+    spy = start_profiler(srv, Path(f"{args.profile}.{label}.txt")) if args.profile else None
+    cpu = cpu_seconds(srv.pid)
     try:
         await wait_drained(srv.base_url, n, deadline)
         wall = time.perf_counter() - started
+        cpu = cpu_seconds(srv.pid) - cpu
+        if spy is not None:
+            await asyncio.to_thread(stop_profiler, spy)
         window, attempts = await drain_window(srv.base_url, ids, conc)
     finally:
         await asyncio.to_thread(procs.stop, srv)
-    return Row(label, n / submit_s, n / window, wall, attempts)
+    log(f"{label}: direct again")
+    after, client_ms_2 = await measure_direct(upstream, n, conc)
+    return Row(
+        store=label,
+        direct_rate=(before + after) / 2,
+        client_cpu_ms=(client_ms_1 + client_ms_2) / 2,
+        submit_rate=n / submit_s,
+        drain_rate=n / window,
+        drain_wall=wall,
+        max_attempts=attempts,
+        server_cpu_ms=cpu * 1000 / n,
+    )
+
+
+def render(rows: list[Row], args: argparse.Namespace) -> Table:
+    table = Table(
+        title=(
+            f"backburner drain: N={args.requests}, concurrency {args.concurrency}, "
+            f"upstream latency {args.latency_ms:g} ms, {os.cpu_count()} CPUs"
+        ),
+        caption=(
+            "direct: mean of a run just before and just after the drain; "
+            "CPU ms/req: the direct client process and the draining backburner process"
+        ),
+    )
+    columns = {
+        "store": "left",
+        "direct req/s": "right",
+        "submit req/s": "right",
+        "drain req/s": "right",
+        "drain/direct": "right",
+        "drain wall s": "right",
+        "client CPU ms/req": "right",
+        "server CPU ms/req": "right",
+        "max attempts": "right",
+        f">= {REQUIRED_RATIO}": "right",
+    }
+    for name, justify in columns.items():
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(
+            r.store,
+            f"{r.direct_rate:.0f}",
+            f"{r.submit_rate:.0f}",
+            f"{r.drain_rate:.0f}",
+            f"{r.ratio:.2f}",
+            f"{r.drain_wall:.1f}",
+            f"{r.client_cpu_ms:.2f}",
+            f"{r.server_cpu_ms:.2f}",
+            str(r.max_attempts),
+            "yes" if r.ratio >= REQUIRED_RATIO else "NO",
+        )
+    return table
 
 
 async def main(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(width=140)
     deadline = time.monotonic() + args.timeout
     rows: list[Row] = []
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        console.log(f"[yellow]warning: load average {load:.2f}; numbers will be noisy")
     with tempfile.TemporaryDirectory(prefix="bb-bench-") as tmp:
         work = Path(tmp)
         up = await asyncio.to_thread(procs.start_upstream, work, latency_ms=args.latency_ms)
         try:
             async with asyncio.timeout(args.timeout):
-                console.log(f"direct: {args.requests} requests at concurrency {args.concurrency}")
-                direct = await measure_direct(up.base_url, args.requests, args.concurrency)
                 if not args.no_sqlite:
-                    console.log("sqlite: submit, then drain")
                     url = f"sqlite:///{work}/bb.db"
-                    rows.append(await bench_store("SQLite", url, up.base_url, work, args, deadline))
+                    rows.append(
+                        await bench_store("SQLite", url, up, work, args, deadline, console.log)
+                    )
                 if args.postgres:
-                    console.log("postgresql: submit, then drain")
                     async with fresh_postgres(args.postgres) as url:
                         rows.append(
-                            await bench_store("PostgreSQL", url, up.base_url, work, args, deadline)
+                            await bench_store(
+                                "PostgreSQL", url, up, work, args, deadline, console.log
+                            )
                         )
         except BaseException:
-            log = work / "serve.log"
-            if log.exists():
-                console.print(log.read_text(errors="replace")[-3000:])
+            serve_log = work / "serve.log"
+            if serve_log.exists():
+                console.print(serve_log.read_text(errors="replace")[-3000:])
             raise
         finally:
             await asyncio.to_thread(procs.stop, up)
-
-    table = Table(
-        title=(
-            f"backburner drain: N={args.requests}, concurrency {args.concurrency}, "
-            f"upstream latency {args.latency_ms:g} ms"
-        )
-    )
-    for col in (
-        "store",
-        "direct req/s",
-        "submit req/s",
-        "drain req/s",
-        "drain/direct",
-        "drain wall s",
-        "max attempts",
-        f">= {REQUIRED_RATIO}",
-    ):
-        table.add_column(col, justify="left" if col == "store" else "right")
-    ok = True
-    for r in rows:
-        ratio = r.drain_rate / direct
-        ok = ok and ratio >= REQUIRED_RATIO
-        table.add_row(
-            r.store,
-            f"{direct:.0f}",
-            f"{r.submit_rate:.0f}",
-            f"{r.drain_rate:.0f}",
-            f"{ratio:.2f}",
-            f"{r.drain_wall:.1f}",
-            str(r.max_attempts),
-            "yes" if ratio >= REQUIRED_RATIO else "NO",
-        )
-    console.print(table)
-    return 0 if ok else 1
+    console.print(render(rows, args))
+    return 0 if rows and all(r.ratio >= REQUIRED_RATIO for r in rows) else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -303,6 +383,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-ms", type=float, default=20.0, help="upstream latency per request")
     p.add_argument("--postgres", metavar="URL", help="also run on PostgreSQL (a fresh database)")
     p.add_argument("--no-sqlite", action="store_true", help="skip the SQLite run")
+    p.add_argument(
+        "--profile",
+        metavar="PREFIX",
+        help="sample the draining server with py-spy into PREFIX.<store>.txt (collapsed stacks)",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="hard limit for the whole run, s")
     return p.parse_args(argv)
 

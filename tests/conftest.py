@@ -44,8 +44,10 @@ def pg_database() -> Iterator[str]:
         import asyncpg
 
         conn = await asyncpg.connect(
-            host=url.host or "127.0.0.1", port=url.port or 5432,
-            user=url.username or "postgres", password=url.password,
+            host=url.host or "127.0.0.1",
+            port=url.port or 5432,
+            user=url.username or "postgres",
+            password=url.password,
             database=url.database or "postgres",
         )
         try:
@@ -57,8 +59,10 @@ def pg_database() -> Iterator[str]:
         import asyncpg
 
         conn = await asyncpg.connect(
-            host=url.host or "127.0.0.1", port=url.port or 5432,
-            user=url.username or "postgres", password=url.password,
+            host=url.host or "127.0.0.1",
+            port=url.port or 5432,
+            user=url.username or "postgres",
+            password=url.password,
             database=url.database or "postgres",
         )
         try:
@@ -116,8 +120,15 @@ async def sqlite_store(sqlite_url: str) -> AsyncIterator[Store]:
 def make_settings(db_url: str, **overrides: Any) -> Settings:
     defaults: dict[str, Any] = {
         "database_url": db_url,
-        "backends": [BackendSettings(name="fake", type="openai", base_url="http://fake.invalid/v1",
-                                     models=[FAKE_MODEL], max_concurrency=4)],
+        "backends": [
+            BackendSettings(
+                name="fake",
+                type="openai",
+                base_url="http://fake.invalid/v1",
+                models=[FAKE_MODEL],
+                max_concurrency=4,
+            )
+        ],
         "retry_base_seconds": 0.0,
         "poll_interval_seconds": 0.02,
         "maintenance_interval_seconds": 0.5,
@@ -160,14 +171,16 @@ async def harness_factory(fake_backend: FakeBackend, sqlite_url: str) -> AsyncIt
 
     stack: list[Any] = []
 
-    async def factory(db: str | None = None, backend: FakeBackend | None = None,
-                      **overrides: Any) -> AppHarness:
+    async def factory(
+        db: str | None = None, backend: FakeBackend | None = None, **overrides: Any
+    ) -> AppHarness:
         settings = make_settings(db or sqlite_url, **overrides)
         app = create_app(settings, backends={"fake": backend or fake_backend})
         ctx = app.router.lifespan_context(app)
         await ctx.__aenter__()
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                   base_url="http://testserver")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://testserver"
+        )
         stack.append((ctx, client))
         return AppHarness(app, client)
 

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     # None: deny private and link-local targets unless the server listens on loopback only
     webhook_deny_private: bool | None = None
 
+    # files and batches
+    # Uploaded files live here. With several API replicas on several machines this must be a
+    # shared directory (NFS, EFS, a CSI volume); output files are rendered from the database.
+    files_dir: str = "./backburner-files"
+    files_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    batch_max_lines: int = Field(default=1_000_000, ge=1)
+
     # api
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     idempotency_ttl_seconds: float = Field(default=24 * 3600, gt=0)
@@ -160,4 +167,7 @@ def load_settings(config: str | Path | None = None, **overrides: Any) -> Setting
                 del os.environ["BACKBURNER_CONFIG"]
             else:
                 os.environ["BACKBURNER_CONFIG"] = old
+    env_path = os.environ.get("BACKBURNER_CONFIG")
+    if env_path and not Path(env_path).is_file():
+        raise FileNotFoundError(f"config file not found: {env_path} (from BACKBURNER_CONFIG)")
     return Settings(**overrides)

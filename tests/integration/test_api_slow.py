@@ -178,7 +178,10 @@ async def test_invalid_or_empty_json_is_400(harness: Any, raw: bytes) -> None:
 )
 async def test_nan_and_infinity_are_not_json(harness_factory: Any, route: str) -> None:
     h = await harness_factory(run_worker=False)
-    req = '{"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "x": NaN}'
+    req = (
+        '{"model": "fake-model", "messages": [{"role": "user", "content": "x"}],'
+        ' "x": [NaN, Infinity, -Infinity]}'
+    )
     raw = req if "group" not in route else f'{{"requests": [{req}]}}'
     r = await h.client.post(
         route, content=raw.encode(), headers={"content-type": "application/json"}

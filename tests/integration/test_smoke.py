@@ -8,8 +8,12 @@ from tests.conftest import FAKE_MODEL
 
 
 async def test_slow_chat_round_trip(harness: Any) -> None:
-    body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "hi"}],
-            "metadata": {"custom_id": "c-1"}, "x_extra": 1}
+    body = {
+        "model": FAKE_MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "metadata": {"custom_id": "c-1"},
+        "x_extra": 1,
+    }
     r = await harness.client.post("/v1/slow/chat/completions", json=body)
     assert r.status_code == 200, r.text
     gid = r.json()["id"]

@@ -26,24 +26,36 @@ def echo_response(kind: Kind, body: JSON) -> JSON:
     usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     if kind is Kind.CHAT:
         return {
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": 0,
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
             "model": body.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop"}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
             "usage": usage,
         }
     if kind is Kind.COMPLETION:
         return {
-            "id": "cmpl-fake", "object": "text_completion", "created": 0,
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "created": 0,
             "model": body.get("model"),
             "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
             "usage": usage,
         }
     inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
     return {
-        "object": "list", "model": body.get("model"),
-        "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
-                 for i in range(len(inputs))],
+        "object": "list",
+        "model": body.get("model"),
+        "data": [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+            for i in range(len(inputs))
+        ],
         "usage": {"prompt_tokens": 1, "total_tokens": 1},
     }
 
@@ -91,14 +103,22 @@ class FakeBackend:
         self.calls.append((kind, body))
         for i, word in enumerate(["Hello", " there", "!"]):
             yield {
-                "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": 0,
                 "model": body.get("model"),
-                "choices": [{"index": 0, "delta": {"content": word} if i else
-                             {"role": "assistant", "content": word},
-                             "finish_reason": None}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"content": word} if i else {"role": "assistant", "content": word},
+                        "finish_reason": None,
+                    }
+                ],
             }
         yield {
-            "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
             "model": body.get("model"),
             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
         }

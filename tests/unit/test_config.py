@@ -216,3 +216,9 @@ def test_loopback_only() -> None:
     assert Settings(host="127.0.0.2").loopback_only
     assert Settings(host="localhost").loopback_only
     assert not Settings(host="0.0.0.0").loopback_only
+
+
+def test_missing_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BACKBURNER_CONFIG", str(tmp_path / "typo.toml"))
+    with pytest.raises(FileNotFoundError, match=r"typo\.toml"):
+        load_settings()

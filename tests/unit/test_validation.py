@@ -89,6 +89,11 @@ def test_stream_refused_on_slow_routes_only() -> None:
     assert validate_request(Kind.CHAT, chat(stream=False), MODELS) == []
 
 
+@pytest.mark.parametrize("value", ["true", 1])
+def test_truthy_stream_refused_on_slow_routes(value: object) -> None:
+    assert params(validate_request(Kind.CHAT, chat(stream=value), MODELS)) == ["stream"]
+
+
 def test_prompt_on_chat_is_the_wrong_kind() -> None:
     (p,) = validate_request(Kind.CHAT, completion(), MODELS)
     assert p.param == "body"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 
 import httpx
 from fastapi import FastAPI
@@ -13,6 +14,8 @@ from fastapi import FastAPI
 from backburner import __version__
 from backburner.api import errors
 from backburner.api.limits import BodyLimitMiddleware
+from backburner.api.routes_batches import batches_router
+from backburner.api.routes_files import files_router
 from backburner.api.routes_group import group_router
 from backburner.api.routes_ops import ops_router
 from backburner.api.routes_realtime import realtime_router
@@ -26,7 +29,9 @@ from backburner.config import Settings
 from backburner.core.retry import Backoff
 from backburner.metrics import Metrics
 from backburner.scheduler import Worker, WorkerOptions
+from backburner.scheduler.batches import BatchRunner
 from backburner.store import Store
+from backburner.store.blobs import LocalBlobStore
 from backburner.store.migrate import upgrade_async
 from backburner.webhooks.delivery import Deliverer, UrlGuard
 from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
@@ -73,6 +78,18 @@ def build_dispatcher(
     return Dispatcher(store, deliverer, opts, metrics=metrics), client
 
 
+def build_batch_runner(
+    settings: Settings, store: Store, blobs: LocalBlobStore, router: ModelRouter
+) -> BatchRunner:
+    return BatchRunner(
+        store,
+        blobs,
+        router.models,
+        max_lines=settings.batch_max_lines,
+        poll_interval=max(settings.poll_interval_seconds, 0.05) * 5,
+    )
+
+
 def create_app(
     settings: Settings,
     *,
@@ -89,7 +106,8 @@ def create_app(
         router = build_router(settings, backends)
         await router.start()
         metrics = Metrics()
-        st = AppState(settings=settings, store=store, router=router, metrics=metrics)
+        blobs = LocalBlobStore(Path(settings.files_dir))
+        st = AppState(settings=settings, store=store, router=router, metrics=metrics, blobs=blobs)
         tasks: list[asyncio.Task[None]] = []
         hook_client: httpx.AsyncClient | None = None
         if settings.run_worker:
@@ -103,6 +121,8 @@ def create_app(
             )
             tasks.append(asyncio.create_task(st.worker.run(), name="bb-worker"))
             tasks.append(asyncio.create_task(st.dispatcher.run(), name="bb-dispatcher"))
+            st.batches = build_batch_runner(settings, store, blobs, router)
+            tasks.append(asyncio.create_task(st.batches.run(), name="bb-batches"))
         app.state.bb = st
         log.info("backburner %s ready: models %s", __version__, ", ".join(router.models))
         try:
@@ -112,6 +132,8 @@ def create_app(
                 await st.worker.stop()
             if st.dispatcher is not None:
                 await st.dispatcher.stop()
+            if st.batches is not None:
+                await st.batches.stop()
             await asyncio.gather(*tasks, return_exceptions=True)
             if hook_client is not None:
                 await hook_client.aclose()
@@ -133,4 +155,6 @@ def create_app(
         app.include_router(slow_router(prefix))
     app.include_router(generation_router())
     app.include_router(webhooks_router())
+    app.include_router(files_router())
+    app.include_router(batches_router())
     return app

@@ -11,7 +11,9 @@ from backburner.backends.router import ModelRouter
 from backburner.config import Settings
 from backburner.metrics import Metrics
 from backburner.scheduler import Worker
+from backburner.scheduler.batches import BatchRunner
 from backburner.store import Store
+from backburner.store.blobs import LocalBlobStore
 from backburner.webhooks.dispatcher import Dispatcher
 
 
@@ -23,6 +25,8 @@ class AppState:
     metrics: Metrics
     worker: Worker | None = None
     dispatcher: Dispatcher | None = None
+    batches: BatchRunner | None = None
+    blobs: LocalBlobStore | None = None
     keys_exist: bool = False
     keys_checked_at: float = field(default=0.0)
     key_cache: dict[str, tuple[str | None, float]] = field(default_factory=dict)
@@ -30,6 +34,10 @@ class AppState:
     def wake_worker(self) -> None:
         if self.worker is not None:
             self.worker.wake()
+
+    def wake_batches(self) -> None:
+        if self.batches is not None:
+            self.batches.wake()
 
     def wake_dispatcher(self) -> None:
         if self.dispatcher is not None:

@@ -129,7 +129,7 @@ def validate_request(
                 f"model '{model}' is not served here; available models: {served}",
             )
         )
-    if slow and body.get("stream") is True:
+    if slow and body.get("stream") not in (None, False):
         problems.append(
             Problem(
                 join_path(prefix, ("stream",)),

@@ -13,7 +13,12 @@ from backburner.schemas.generation import GenerationRecord, GroupCounts, GroupRe
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON, not UTF-8): keep it escaped
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
+    return text
 
 
 def loads(text: str | None) -> Any:

@@ -30,42 +30,25 @@ from backburner.schemas.generation import (
 )
 from backburner.store import codec
 from backburner.store.base import StoreBase
+from backburner.store.batches import BatchesMixin
+from backburner.store.files import FilesMixin
 from backburner.store.keys import KeysMixin
 from backburner.store.tables import (
     generations,
     groups,
     idempotency_keys,
-    tenants,
 )
 from backburner.store.webhooks import WebhooksMixin
 
 G = generations
+TERMINAL_COLS = (G.c.id, G.c.group_id, G.c.webhook_id, G.c.batch_id, G.c.state)
 UNFINISHED = (State.QUEUED.value, State.IN_PROGRESS.value)
 
 
-class Store(WebhooksMixin, KeysMixin, StoreBase):
+class Store(BatchesMixin, FilesMixin, WebhooksMixin, KeysMixin, StoreBase):
     """Generations and groups; keys, idempotency and webhooks come from the mixins."""
 
     # ------------------------------------------------------------------ enqueue
-    async def _fair_keys(self, conn: AsyncConnection, tenant: str, n: int) -> int:
-        """Reserve ``n`` consecutive fair keys for ``tenant``; returns the first."""
-        await self._insert_ignore(conn, tenants, {"tenant": tenant, "vclock": 0})
-        vclock = (
-            await conn.execute(
-                sa.select(tenants.c.vclock).where(tenants.c.tenant == tenant).with_for_update()
-            )
-        ).scalar_one()
-        floor = (
-            await conn.execute(
-                sa.select(sa.func.min(G.c.fair_key)).where(G.c.state == State.QUEUED.value)
-            )
-        ).scalar_one()
-        start = max(int(vclock), int(floor or 0))
-        await conn.execute(
-            tenants.update().where(tenants.c.tenant == tenant).values(vclock=start + n)
-        )
-        return start + 1
-
     def _gen_rows(
         self,
         tenant: str,
@@ -275,6 +258,7 @@ class Store(WebhooksMixin, KeysMixin, StoreBase):
         """In the transaction that made generations terminal: queue their webhook events and
         count them against their groups. ``finished`` rows carry id, group_id and webhook_id."""
         per_group: Counter[str] = Counter()
+        per_batch: dict[str, tuple[int, int]] = {}
         for r in finished:
             m = r._mapping
             if m["webhook_id"]:
@@ -282,6 +266,12 @@ class Store(WebhooksMixin, KeysMixin, StoreBase):
                 await self._enqueue_generation_event(conn, codec.generation(full), now)
             if m["group_id"]:
                 per_group[m["group_id"]] += 1
+            if m["batch_id"]:
+                ok, bad = per_batch.get(m["batch_id"], (0, 0))
+                success = m["state"] == State.SUCCESS.value
+                per_batch[m["batch_id"]] = (ok + success, bad + (not success))
+        if per_batch:
+            await self._batches_finished(conn, per_batch, now)
         return await self._groups_finished(conn, per_group, now)
 
     async def _groups_finished(
@@ -401,7 +391,7 @@ class Store(WebhooksMixin, KeysMixin, StoreBase):
                         state_message=StateMessage.CANCELLED,
                         finished_at=now,
                     )
-                    .returning(G.c.id, G.c.group_id, G.c.webhook_id)
+                    .returning(*TERMINAL_COLS)
                 )
             ).all()
             await self._after_terminal(conn, rows, now)
@@ -437,7 +427,9 @@ class Store(WebhooksMixin, KeysMixin, StoreBase):
                 lease_owner=worker_id,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
                 attempts=G.c.attempts + 1,
-                dispatched_at=sa.func.coalesce(G.c.dispatched_at, now),
+                dispatched_at=sa.func.coalesce(
+                    G.c.dispatched_at, sa.bindparam("now", now, type_=G.c.dispatched_at.type)
+                ),
             )
             .returning(G)
         )
@@ -495,7 +487,7 @@ class Store(WebhooksMixin, KeysMixin, StoreBase):
                             G.c.lease_owner == worker_id,
                         )
                         .values(**values)
-                        .returning(G.c.id, G.c.group_id, G.c.webhook_id)
+                        .returning(*TERMINAL_COLS)
                     )
                 ).first()
                 if row is not None and o.state.terminal:
@@ -566,7 +558,7 @@ class Store(WebhooksMixin, KeysMixin, StoreBase):
                         state_message=StateMessage.EXPIRED,
                         finished_at=now,
                     )
-                    .returning(G.c.id, G.c.group_id, G.c.webhook_id)
+                    .returning(*TERMINAL_COLS)
                 )
             ).all()
             await conn.execute(

@@ -108,7 +108,7 @@ generations = sa.Table(
     sa.Index("ix_generations_state_lease_expires_at", "state", "lease_expires_at"),
     sa.Index("ix_generations_state_expires_at", "state", "expires_at"),
     sa.Index("ix_generations_group_id_group_index", "group_id", "group_index"),
-    sa.Index("ix_generations_batch_id", "batch_id"),
+    sa.Index("ix_generations_batch_id_state_group_index", "batch_id", "state", "group_index"),
 )
 
 webhooks = sa.Table(
@@ -123,6 +123,63 @@ webhooks = sa.Table(
     sa.Column("enabled", sa.Boolean(), nullable=False),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("filename", sa.String(512), nullable=False),
+    sa.Column("purpose", sa.String(32), nullable=False),
+    sa.Column("bytes", sa.BigInteger(), nullable=False),
+    sa.Column("lines", sa.BigInteger(), nullable=True),
+    sa.Column("sha256", sa.String(64), nullable=True),
+    # where the bytes live (blob key); NULL for output/error files produced from the store
+    sa.Column("blob", sa.Text(), nullable=True),
+    sa.Column("batch_id", ID, nullable=True),  # output/error files: the batch they render
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=True),
+    sa.Column("deleted_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_files_tenant_created_at", "tenant", "created_at"),
+)
+
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("tenant", sa.String(128), nullable=False),
+    sa.Column("input_file_id", ID, nullable=False),
+    sa.Column("endpoint", sa.String(64), nullable=False),
+    sa.Column("completion_window", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("metadata", sa.Text(), nullable=True),
+    sa.Column("webhook_url", sa.Text(), nullable=True),
+    sa.Column("errors", sa.Text(), nullable=True),
+    sa.Column("total", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("completed", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("failed", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("pending", sa.BigInteger(), nullable=False, server_default="0"),
+    # lines inserted as generations so far (loading resumes from here after a crash)
+    sa.Column("loaded", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("fair_start", sa.BigInteger(), nullable=True),
+    sa.Column("output_file_id", ID, nullable=True),
+    sa.Column("error_file_id", ID, nullable=True),
+    # validation runs in a worker under a lease, like a generation
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
+    sa.Column("expires_at", UTCDateTime(), nullable=False),
+    sa.Column("in_progress_at", UTCDateTime(), nullable=True),
+    sa.Column("finalizing_at", UTCDateTime(), nullable=True),
+    sa.Column("completed_at", UTCDateTime(), nullable=True),
+    sa.Column("failed_at", UTCDateTime(), nullable=True),
+    sa.Column("expired_at", UTCDateTime(), nullable=True),
+    sa.Column("cancelling_at", UTCDateTime(), nullable=True),
+    sa.Column("cancelled_at", UTCDateTime(), nullable=True),
+    sa.Index("ix_batches_tenant_created_at", "tenant", "created_at"),
+    sa.Index("ix_batches_status", "status"),
 )
 
 # The outbox: one row per event to deliver to one endpoint, written in the same transaction as the

@@ -20,7 +20,6 @@ from backburner.core.ids import new_id
 from backburner.errors import NotFound
 from backburner.schemas.generation import GenerationRecord, GroupRecord
 from backburner.schemas.webhook import ALL_EVENTS, AttemptRecord, DueEvent, WebhookRecord
-from backburner.store import codec
 from backburner.store.base import StoreBase
 from backburner.store.tables import webhook_attempts, webhook_events, webhooks
 from backburner.webhooks import events as ev
@@ -149,34 +148,6 @@ class WebhooksMixin(StoreBase):
             )
 
     # ------------------------------------------------------------------ outbox: writing
-    async def _enqueue(
-        self,
-        conn: AsyncConnection,
-        *,
-        tenant: str,
-        event: str,
-        payload: dict[str, Any],
-        now: datetime,
-        webhook_id: str | None = None,
-        url: str | None = None,
-    ) -> str:
-        event_id = "msg_" + new_id()
-        await conn.execute(
-            W.insert().values(
-                id=event_id,
-                tenant=tenant,
-                webhook_id=webhook_id,
-                url=url,
-                event=event,
-                payload=codec.dumps(payload),
-                state=PENDING,
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
-        )
-        return event_id
-
     async def _enqueue_generation_event(
         self, conn: AsyncConnection, g: GenerationRecord, now: datetime
     ) -> None:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-25 17:07:21.756708
+Create Date: 2026-11-25 17:13:50.177332
 """
 
 from __future__ import annotations
@@ -31,6 +31,64 @@ def upgrade() -> None:
         sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
     )
     op.create_table(
+        "batches",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("input_file_id", sa.String(length=32), nullable=False),
+        sa.Column("endpoint", sa.String(length=64), nullable=False),
+        sa.Column("completion_window", sa.String(length=16), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("metadata", sa.Text(), nullable=True),
+        sa.Column("webhook_url", sa.Text(), nullable=True),
+        sa.Column("errors", sa.Text(), nullable=True),
+        sa.Column("total", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("completed", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("failed", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("pending", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("loaded", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("fair_start", sa.BigInteger(), nullable=True),
+        sa.Column("output_file_id", sa.String(length=32), nullable=True),
+        sa.Column("error_file_id", sa.String(length=32), nullable=True),
+        sa.Column("lease_owner", sa.String(length=64), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(), nullable=False),
+        sa.Column("in_progress_at", sa.DateTime(), nullable=True),
+        sa.Column("finalizing_at", sa.DateTime(), nullable=True),
+        sa.Column("completed_at", sa.DateTime(), nullable=True),
+        sa.Column("failed_at", sa.DateTime(), nullable=True),
+        sa.Column("expired_at", sa.DateTime(), nullable=True),
+        sa.Column("cancelling_at", sa.DateTime(), nullable=True),
+        sa.Column("cancelled_at", sa.DateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_batches")),
+    )
+    with op.batch_alter_table("batches", schema=None) as batch_op:
+        batch_op.create_index("ix_batches_status", ["status"], unique=False)
+        batch_op.create_index(
+            "ix_batches_tenant_created_at", ["tenant", "created_at"], unique=False
+        )
+
+    op.create_table(
+        "files",
+        sa.Column("id", sa.String(length=32), nullable=False),
+        sa.Column("tenant", sa.String(length=128), nullable=False),
+        sa.Column("filename", sa.String(length=512), nullable=False),
+        sa.Column("purpose", sa.String(length=32), nullable=False),
+        sa.Column("bytes", sa.BigInteger(), nullable=False),
+        sa.Column("lines", sa.BigInteger(), nullable=True),
+        sa.Column("sha256", sa.String(length=64), nullable=True),
+        sa.Column("blob", sa.Text(), nullable=True),
+        sa.Column("batch_id", sa.String(length=32), nullable=True),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(), nullable=True),
+        sa.Column("deleted_at", sa.DateTime(), nullable=True),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_files")),
+    )
+    with op.batch_alter_table("files", schema=None) as batch_op:
+        batch_op.create_index("ix_files_tenant_created_at", ["tenant", "created_at"], unique=False)
+
+    op.create_table(
         "generations",
         sa.Column("id", sa.String(length=32), nullable=False),
         sa.Column("tenant", sa.String(length=128), nullable=False),
@@ -57,7 +115,11 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_generations")),
     )
     with op.batch_alter_table("generations", schema=None) as batch_op:
-        batch_op.create_index("ix_generations_batch_id", ["batch_id"], unique=False)
+        batch_op.create_index(
+            "ix_generations_batch_id_state_group_index",
+            ["batch_id", "state", "group_index"],
+            unique=False,
+        )
         batch_op.create_index(
             "ix_generations_group_id_group_index", ["group_id", "group_index"], unique=False
         )
@@ -202,7 +264,16 @@ def downgrade() -> None:
         batch_op.drop_index("ix_generations_state_fair_key")
         batch_op.drop_index("ix_generations_state_expires_at")
         batch_op.drop_index("ix_generations_group_id_group_index")
-        batch_op.drop_index("ix_generations_batch_id")
+        batch_op.drop_index("ix_generations_batch_id_state_group_index")
 
     op.drop_table("generations")
+    with op.batch_alter_table("files", schema=None) as batch_op:
+        batch_op.drop_index("ix_files_tenant_created_at")
+
+    op.drop_table("files")
+    with op.batch_alter_table("batches", schema=None) as batch_op:
+        batch_op.drop_index("ix_batches_tenant_created_at")
+        batch_op.drop_index("ix_batches_status")
+
+    op.drop_table("batches")
     op.drop_table("api_keys")

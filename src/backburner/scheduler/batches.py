@@ -1,0 +1,276 @@
+"""The batch runner: validates input files, loads them as generations, writes result files.
+
+Validation reads the whole file once (streamed; only an 8-byte hash of each custom_id is kept, to
+find duplicates) and refuses the batch with line-numbered errors if any line is bad: nothing
+runs. A good file is then loaded in chunks; each chunk is a compare-and-set on the batch's
+``loaded`` count, so a worker that dies mid-load is replaced by one that resumes where it
+stopped. When a batch's last generation is terminal the batch is ``finalizing``: a runner
+writes the output and error files from the store and completes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import socket
+from array import array
+from collections.abc import AsyncIterator, Collection
+from typing import Any
+
+from backburner.core.clock import utcnow
+from backburner.core.ids import new_id
+from backburner.errors import BackburnerError
+from backburner.schemas.batch import (
+    MAX_REPORTED_ERRORS,
+    BatchLine,
+    BatchRecord,
+    LineError,
+    parse_line,
+)
+from backburner.store import Store
+from backburner.store.blobs import LocalBlobStore
+
+log = logging.getLogger("backburner.batches")
+
+
+async def iter_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, bytes]]:
+    """(1-based line number, line without its newline) for each non-blank line."""
+    buf = b""
+    lineno = 0
+    async for chunk in chunks:
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            lineno += 1
+            if line.strip():
+                yield lineno, line
+    if buf.strip():
+        yield lineno + 1, buf
+
+
+def _h(custom_id: str) -> int:
+    return int.from_bytes(
+        hashlib.blake2b(custom_id.encode(), digest_size=8).digest(), "little", signed=True
+    )
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        store: Store,
+        blobs: LocalBlobStore,
+        known_models: Collection[str],
+        *,
+        max_lines: int = 1_000_000,
+        lease_seconds: float = 120.0,
+        poll_interval: float = 1.0,
+        chunk_lines: int = 2000,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.models = frozenset(known_models)
+        self.max_lines = max_lines
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self.chunk_lines = chunk_lines
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:batches:{new_id()[:6]}"
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        while not self._stopping.is_set():
+            try:
+                b = await self.store.claim_batch_work(self.id, self.lease_seconds)
+            except Exception:
+                log.exception("claiming batch work failed")
+                b = None
+            if b is not None:
+                await self._handle(b)
+                continue
+            if burst:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    async def _keep_lease(self, batch_id: str) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            with contextlib.suppress(Exception):
+                await self.store.renew_batch_lease(self.id, batch_id, self.lease_seconds)
+
+    async def _handle(self, b: BatchRecord) -> None:
+        keeper = asyncio.create_task(self._keep_lease(b.id))
+        try:
+            if b.status == "validating":
+                total = await self.validate(b)
+                if total is not None and await self.store.start_batch(self.id, b.id, total):
+                    b = await self.store.get_batch(b.tenant, b.id)
+                    await self.load(b)
+            elif b.status in ("in_progress", "cancelling") and b.loaded < b.total:
+                await self.load(b)
+            elif b.status == "finalizing":
+                await self.finalize(b)
+        except Exception:
+            log.exception("batch %s: work failed; another try follows when the lease ends", b.id)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            with contextlib.suppress(Exception):
+                await self.store.release_batch(self.id, b.id)
+
+    async def _lines(self, b: BatchRecord) -> AsyncIterator[tuple[int, bytes]]:
+        record = await self.store.get_file(b.tenant, b.input_file_id)
+        if record.blob is None:
+            raise BackburnerError(f"input file {b.input_file_id} has no content")
+        reader = await self.blobs.open(record.blob)
+        try:
+            async for item in iter_lines(reader):
+                yield item
+        finally:
+            await reader.aclose()
+
+    async def validate(self, b: BatchRecord) -> int | None:
+        """Check every line; returns the number of requests, or None when the batch failed."""
+        errors: list[LineError] = []
+        bad_lines = 0
+        hashes: array[int] = array("q")
+        try:
+            async for lineno, raw in self._lines(b):
+                if len(hashes) + bad_lines >= self.max_lines:
+                    errors.append(
+                        LineError(
+                            lineno,
+                            f"the file has more than {self.max_lines}"
+                            " requests, the most one batch holds",
+                        )
+                    )
+                    bad_lines += 1
+                    break
+                parsed = parse_line(lineno, raw, b.endpoint, self.models)
+                if isinstance(parsed, list):
+                    bad_lines += 1
+                    if len(errors) < MAX_REPORTED_ERRORS:
+                        errors.extend(parsed[: MAX_REPORTED_ERRORS - len(errors)])
+                    continue
+                hashes.append(_h(parsed.custom_id))
+        except BackburnerError as exc:
+            errors.append(LineError(0, f"input file cannot be read: {exc.message}"))
+        if not errors and not hashes:
+            errors.append(LineError(0, "the input file holds no requests"))
+        if not errors:
+            errors.extend(await self._duplicates(b, hashes))
+        if errors:
+            wire = [e.to_wire() for e in errors]
+            if bad_lines > len(errors):
+                wire.append(
+                    {
+                        "code": "too_many_errors",
+                        "line": None,
+                        "param": None,
+                        "message": f"{bad_lines} lines are invalid; the first"
+                        f" {len(errors)} are listed",
+                    }
+                )
+            await self.store.fail_batch(self.id, b.id, wire)
+            log.info("batch %s failed validation: %d bad lines", b.id, max(bad_lines, 1))
+            return None
+        return len(hashes)
+
+    async def _duplicates(self, b: BatchRecord, hashes: array[int]) -> list[LineError]:
+        ordered = sorted(hashes)
+        suspects = {x for x, y in itertools.pairwise(ordered) if x == y}
+        del ordered
+        if not suspects:
+            return []
+        seen: dict[str, int] = {}
+        out: list[LineError] = []
+        async for lineno, raw in self._lines(b):
+            parsed = parse_line(lineno, raw, b.endpoint, self.models)
+            if isinstance(parsed, list) or _h(parsed.custom_id) not in suspects:
+                continue
+            first = seen.setdefault(parsed.custom_id, lineno)
+            if first != lineno and len(out) < MAX_REPORTED_ERRORS:
+                out.append(
+                    LineError(
+                        lineno,
+                        f"line {lineno}: custom_id '{parsed.custom_id}' is"
+                        f" a duplicate of line {first}; custom_id must be unique",
+                        "custom_id",
+                        "duplicate_custom_id",
+                    )
+                )
+        return out
+
+    async def load(self, b: BatchRecord) -> None:
+        index = 0
+        chunk: list[BatchLine] = []
+        first = b.loaded
+        async for lineno, raw in self._lines(b):
+            if index < b.loaded:
+                index += 1
+                continue
+            parsed = parse_line(lineno, raw, b.endpoint, self.models)
+            if isinstance(parsed, list):  # validated already; a changed file is refused
+                raise BackburnerError(f"batch {b.id}: input line {lineno} changed after validation")
+            chunk.append(parsed)
+            index += 1
+            if len(chunk) >= self.chunk_lines:
+                if not await self._load_chunk(b, first, chunk):
+                    return
+                first += len(chunk)
+                chunk = []
+        if chunk:
+            await self._load_chunk(b, first, chunk)
+
+    async def _load_chunk(self, b: BatchRecord, first: int, chunk: list[BatchLine]) -> bool:
+        if await self.store.load_batch_chunk(self.id, b, first, chunk, b.kind):
+            return True
+        if await self.store.batch_status(b.id) == "cancelling":
+            await self.store.abandon_unloaded(self.id, b.id)
+        return False
+
+    async def finalize(self, b: BatchRecord) -> None:
+        now = utcnow()
+        made: dict[str, dict[str, Any] | None] = {"output": None, "error": None}
+        for kind, count in (("output", b.completed), ("error", b.failed)):
+            if count == 0:
+                continue
+            fid = new_id()
+            info = await self.blobs.write(fid, self.store.stream_batch_results(b.id, kind))
+            made[kind] = {
+                "id": fid,
+                "tenant": b.tenant,
+                "filename": f"batch_{b.id}_{kind}.jsonl",
+                "purpose": "batch_output" if kind == "output" else "batch_error",
+                "bytes": info.bytes,
+                "lines": info.lines,
+                "sha256": info.sha256,
+                "blob": fid,
+                "batch_id": b.id,
+                "status": "processed",
+                "created_at": now,
+                "expires_at": None,
+                "deleted_at": None,
+            }
+        try:
+            await self.store.finalize_batch(self.id, b, made["output"], made["error"])
+        except Exception:
+            for f in made.values():
+                if f is not None:
+                    await self.blobs.delete(str(f["id"]))
+            raise
+        log.info("batch %s finalized: %d completed, %d failed", b.id, b.completed, b.failed)
