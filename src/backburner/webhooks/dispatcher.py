@@ -93,7 +93,7 @@ class Dispatcher:
                 log.exception("webhook delivery of %s failed unexpectedly", ev.id)
 
     async def deliver_once(self, ev: DueEvent) -> None:
-        if ev.url is None or ev.secret is None or not ev.endpoint_enabled:
+        if ev.url is None or not ev.endpoint_enabled:
             await self.store.record_attempt(
                 self.id,
                 ev,
