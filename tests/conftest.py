@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -83,22 +84,32 @@ async def _truncate(store: Store) -> None:
         await conn.execute(sa.text(f"TRUNCATE {names}"))
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One migrated SQLite file per session; each test gets a copy (migrations run once)."""
+    path = tmp_path_factory.mktemp("template") / "bb.db"
+    upgrade(f"sqlite:///{path}")
+    return path
+
+
+def _fresh_sqlite(template: Any, tmp_path: Any) -> str:
+    dest = tmp_path / "bb.db"
+    shutil.copyfile(template, dest)
+    return f"sqlite:///{dest}"
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+def db_url(request: pytest.FixtureRequest, tmp_path: Any, sqlite_template: Any) -> str:
     """Parametrises a test over both databases."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/bb.db"
-        upgrade(url)
-        return url
+        return _fresh_sqlite(sqlite_template, tmp_path)
     pg: str = request.getfixturevalue("pg_database")
     return pg
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Any) -> str:
-    url = f"sqlite:///{tmp_path}/bb.db"
-    upgrade(url)
-    return url
+def sqlite_url(tmp_path: Any, sqlite_template: Any) -> str:
+    return _fresh_sqlite(sqlite_template, tmp_path)
 
 
 @pytest.fixture
@@ -175,7 +186,7 @@ async def harness_factory(fake_backend: FakeBackend, sqlite_url: str) -> AsyncIt
         db: str | None = None, backend: FakeBackend | None = None, **overrides: Any
     ) -> AppHarness:
         settings = make_settings(db or sqlite_url, **overrides)
-        app = create_app(settings, backends={"fake": backend or fake_backend})
+        app = create_app(settings, backends={"fake": backend or fake_backend}, migrate=False)
         ctx = app.router.lifespan_context(app)
         await ctx.__aenter__()
         client = httpx.AsyncClient(

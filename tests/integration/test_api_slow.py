@@ -167,11 +167,6 @@ async def test_invalid_or_empty_json_is_400(harness: Any, raw: bytes) -> None:
     assert await harness.state.store.count_by_state() == {}
 
 
-@pytest.mark.xfail(
-    reason="bug: read_json accepts NaN/Infinity (json.loads default); the stored request can"
-    " then never be rendered (GET /v1/generation/{id} is a 500)",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "route",
     ["/v1/slow/chat/completions", "/v1/slow/group/chat/completions", "/v1/chat/completions"],

@@ -25,12 +25,20 @@ async def read_raw(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def _no_constants(name: str) -> Any:
+    raise InvalidRequest(
+        f"the request body is not valid JSON: {name} is not a JSON number", param="body"
+    )
+
+
 async def read_json(request: Request, max_bytes: int) -> tuple[Any, bytes]:
     raw = await read_raw(request, max_bytes)
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object", param="body")
     try:
-        return json.loads(raw), raw
+        return json.loads(raw, parse_constant=_no_constants), raw
+    except InvalidRequest:
+        raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", param="body") from exc
 

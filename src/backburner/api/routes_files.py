@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from backburner.api import idempotency
 from backburner.api.auth import tenant
@@ -28,7 +29,7 @@ from backburner.api.bodies import body_hash
 from backburner.api.state import AppState, app_state
 from backburner.core.clock import utcnow
 from backburner.core.ids import new_id
-from backburner.errors import BackburnerError, InvalidRequest, NotFound, PayloadTooLarge
+from backburner.errors import BackburnerError, InvalidRequest, PayloadTooLarge
 from backburner.schemas.files import UPLOAD_PURPOSES, FileRecord
 from backburner.store import IdempotencyRace
 from backburner.store.blobs import BlobNotFound, BlobReader, BlobWriter, LocalBlobStore
@@ -217,12 +218,19 @@ async def _receive(request: Request, st: AppState, file_id: str) -> tuple[_Uploa
     up = _Upload(form, blob_store(st), file_id, max_bytes)
     try:
         seen = 0
-        async for chunk in request.stream():
-            seen += len(chunk)
-            if seen > max_bytes + FORM_OVERHEAD:
-                raise _too_large(max_bytes)
-            form.feed(chunk)
-            await up.drain()
+        try:
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > max_bytes + FORM_OVERHEAD:
+                    raise _too_large(max_bytes)
+                form.feed(chunk)
+                await up.drain()
+        except ClientDisconnect:
+            raise InvalidRequest(
+                "the upload was interrupted before the body ended",
+                param="file",
+                code="upload_interrupted",
+            ) from None
         form.finish()
         await up.drain()
         if up.writer is None:
@@ -366,10 +374,7 @@ def files_router() -> APIRouter:
             body = _stream(reader)
         else:
             # Batch output and error files are rendered from the database (store/batches.py).
-            render = getattr(st.store, "render_batch_file", None)
-            if render is None:
-                raise NotFound(f"No content for file '{rec.id}'.", param="file_id")
-            body = render(t, rec)
+            body = st.store.render_batch_file(t, rec)
         return StreamingResponse(
             body, media_type=media or "application/octet-stream", headers=headers
         )

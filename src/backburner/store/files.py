@@ -13,10 +13,10 @@ import sqlalchemy as sa
 
 from backburner.core.clock import utcnow
 from backburner.core.outcome import Idempotency
-from backburner.errors import InvalidRequest, NotFound
+from backburner.errors import Conflict, InvalidRequest, NotFound
 from backburner.schemas.files import FileRecord
 from backburner.store.keys import KeysMixin
-from backburner.store.tables import files
+from backburner.store.tables import batches, files
 
 F = files
 
@@ -171,6 +171,29 @@ class FilesMixin(KeysMixin):
         """Mark the file deleted (the caller then removes its blob); NotFound like get_file."""
         now = utcnow()
         async with self._writer.begin() as conn:
+            busy = (
+                await conn.execute(
+                    sa.select(batches.c.id)
+                    .where(
+                        batches.c.input_file_id == file_id,
+                        batches.c.tenant == tenant,
+                        sa.or_(
+                            batches.c.status == "validating",
+                            sa.and_(
+                                batches.c.status.in_(("in_progress", "cancelling")),
+                                batches.c.loaded < batches.c.total,
+                            ),
+                        ),
+                    )
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+            if busy is not None:
+                raise Conflict(
+                    f"file '{file_id}' is the input of batch '{busy}', which is still reading"
+                    " it; delete it once the batch is in progress or cancel the batch",
+                    code="file_in_use",
+                )
             row = (
                 await conn.execute(
                     F.update()
