@@ -374,7 +374,8 @@ def render(rows: list[Row], args: argparse.Namespace) -> Table:
     table = Table(
         title=(
             f"Batch upload, validation and load: serve with its worker (backend max_concurrency 1,"
-            f" upstream latency {args.upstream_latency_ms:g} ms), {os.cpu_count()} CPUs"
+            f" upstream latency {args.upstream_latency_ms:g} ms), {os.cpu_count()} CPUs,"
+            f" load average {os.getloadavg()[0]:.1f} at the end"
         ),
         caption=(
             "upload: POST /v1/files wall time; validate: batch created -> in_progress (polled"

@@ -208,7 +208,8 @@ def render(results: dict[str, dict[int, Result]], args: argparse.Namespace) -> T
     table = Table(
         title=(
             f"POST {ROUTE}: {args.requests} groups of {args.group_size} per row, {mode}, "
-            f"upstream latency {args.latency_ms:g} ms, {os.cpu_count()} CPUs"
+            f"upstream latency {args.latency_ms:g} ms, {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.1f} at the end"
         ),
         caption=(
             "latency: client wall time per POST (nearest-rank percentiles); groups/s = N / wall; "
@@ -246,7 +247,7 @@ def render(results: dict[str, dict[int, Result]], args: argparse.Namespace) -> T
 
 
 async def main(args: argparse.Namespace) -> int:
-    console = Console(width=150)
+    console = Console(width=180)
     deadline = time.monotonic() + args.timeout
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.5:

@@ -73,8 +73,8 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def running_receiver(*statuses: int) -> AsyncIterator[Receiver]:
-    rec = Receiver(port=free_port(), statuses=deque(statuses))
+async def running_receiver(*statuses: int, port: int | None = None) -> AsyncIterator[Receiver]:
+    rec = Receiver(port=port or free_port(), statuses=deque(statuses))
     server = uvicorn.Server(
         uvicorn.Config(
             rec.app,
