@@ -69,6 +69,7 @@ class Worker:
         self._results: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=4096)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._beat_stop = asyncio.Event()  # set once in-flight work is drained
         self._idle: dict[str, bool] = {}
 
     def wake(self) -> None:
@@ -98,19 +99,23 @@ class Worker:
             else:
                 await self._stopping.wait()
         finally:
+            # Loops notice _stopping within a poll interval; cancelling them mid-query would
+            # leave database drivers' threads answering a loop that may be gone.
             self._stopping.set()
-            for t in loops:
+            self._wake.set()
+            background = [t for t in (*loops, maint) if t is not None]
+            _, late = await asyncio.wait(background, timeout=self.opts.shutdown_grace)
+            for t in late:
                 t.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
-            if maint is not None:
-                maint.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await self._drain_inflight()
             await self._results.join()
-            writer.cancel()
+            writer.cancel()  # idle: waiting on an empty queue
+            await asyncio.gather(writer, return_exceptions=True)
+            self._beat_stop.set()
+            await asyncio.wait([beat], timeout=self.opts.shutdown_grace)
             beat.cancel()
-            await asyncio.gather(writer, beat, return_exceptions=True)
-            if maint is not None:
-                await asyncio.gather(maint, return_exceptions=True)
+            await asyncio.gather(beat, return_exceptions=True)
             if self._held:
                 released = await self.store.release(self.id, sorted(self._held))
                 log.info("worker %s released %d unfinished generations", self.id, released)
@@ -248,9 +253,10 @@ class Worker:
     # ------------------------------------------------------------------ leases and upkeep
     async def _heartbeat(self) -> None:
         interval = max(0.05, self.opts.lease_seconds / 3)
-        while True:
-            await asyncio.sleep(interval)
-            if self._held:
+        while not self._beat_stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_stop.wait(), interval)
+            if self._held and not self._beat_stop.is_set():
                 try:
                     await self.store.heartbeat(self.id, sorted(self._held), self.opts.lease_seconds)
                 except Exception:
@@ -269,9 +275,10 @@ class Worker:
         return recovered, expired
 
     async def _maintenance(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.maintain_once()
             except Exception:
                 log.exception("maintenance failed")
-            await asyncio.sleep(self.opts.maintenance_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.opts.maintenance_interval)
