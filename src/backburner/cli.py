@@ -269,9 +269,11 @@ def webhooks_list(tenant: TenantOpt = "default", config: ConfigOpt = None) -> No
     settings = _settings(config)
     recs = _with_store(settings, lambda store: store.list_webhooks(tenant))
     table = Table("id", "url", "name", "events", "enabled")
+    table.columns[0].overflow = "fold"
+    table.columns[0].no_wrap = True
     for w in recs:
         table.add_row(w.id, w.url, w.name or "", ", ".join(w.events), str(w.enabled))
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 @hooks_app.command("delete")
@@ -314,4 +316,17 @@ def webhooks_deliveries(
 
 
 def main() -> None:
-    app()
+    from pydantic import ValidationError
+
+    from backburner.errors import BackburnerError
+
+    try:
+        app()
+    except BackburnerError as exc:
+        typer.secho(f"error: {exc.message}", err=True, fg="red")
+        raise SystemExit(1) from None
+    except ValidationError as exc:
+        for e in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in e["loc"]) or "input"
+            typer.secho(f"error: {where}: {e['msg']}", err=True, fg="red")
+        raise SystemExit(1) from None

@@ -146,7 +146,8 @@ async def test_duplicate_custom_id_and_bad_json_are_named(h: Any) -> None:
         json={"input_file_id": fid, "endpoint": "/v1/chat/completions", "completion_window": "24h"},
     )
     b = await wait_status(h, r.json()["id"], "failed", "completed")
-    assert [e["line"] for e in b["errors"]["data"]] == [4]  # bad JSON is found first
+    # every problem in one round: the duplicate (line 3) and the bad JSON (line 4)
+    assert [e["line"] for e in b["errors"]["data"]] == [3, 4]
     fid = await upload(h, jsonl([line(1), line(2), line(1)]))
     r = await h.client.post(
         "/v1/batches",
@@ -282,3 +283,31 @@ async def test_other_tenant_sees_404(harness_factory: Any, tmp_path: Any) -> Non
     ):
         assert (await h.client.request(method, path, headers=b)).status_code == 404
     assert (await h.client.get("/v1/batches", headers=b)).json()["data"] == []
+
+
+async def test_cancel_while_loading_keeps_every_line(harness_factory: Any, tmp_path: Any) -> None:
+    """Lines not yet loaded when a batch is cancelled still become (cancelled) requests: they
+    appear in the error file and a retry runs them."""
+    h = await harness_factory(
+        backend=MarkerBackend("fake", delay=0.01), files_dir=str(tmp_path / "f")
+    )
+    h.state.batches.chunk_lines = 50  # load in many small chunks
+    fid = await upload(h, jsonl([line(i) for i in range(600)]))
+    r = await h.client.post(
+        "/v1/batches",
+        json={"input_file_id": fid, "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+    )
+    bid = r.json()["id"]
+    await wait_status(h, bid, "in_progress")
+    await h.client.post(f"/v1/batches/{bid}/cancel")
+    b = await wait_status(h, bid, "cancelled")
+    counts = b["request_counts"]
+    assert counts["total"] == 600 and counts["completed"] + counts["failed"] == 600
+    lines_out = 0
+    for key in ("output_file_id", "error_file_id"):
+        if b[key]:
+            lines_out += len((await h.client.get(f"/v1/files/{b[key]}/content")).text.splitlines())
+    assert lines_out == 600
+    await h.client.post(f"/v1/batches/{bid}/retry")
+    b = await wait_status(h, bid, "completed")
+    assert b["request_counts"] == {"total": 600, "completed": 600, "failed": 0}

@@ -62,6 +62,12 @@ def assert_counts(body: dict[str, Any], **expected: int) -> None:
     assert body["counts"] == counts
 
 
+@pytest.fixture
+async def idle(harness_factory: Any) -> Any:
+    """A harness without a worker, for requests that must be refused before anything runs."""
+    return await harness_factory(run_worker=False)
+
+
 # ---------------------------------------------------------------- happy path
 
 
@@ -242,9 +248,9 @@ def _refusals() -> list[Any]:
 @pytest.mark.parametrize("prefix", PREFIXES)
 @pytest.mark.parametrize(("route", "body", "param", "says"), _refusals())
 async def test_refusal_names_the_field_and_stores_nothing(
-    harness: Any, prefix: str, route: str, body: Any, param: str, says: list[str]
+    idle: Any, prefix: str, route: str, body: Any, param: str, says: list[str]
 ) -> None:
-    r = await harness.client.post(f"{prefix}/group/{route}", json=body)
+    r = await idle.client.post(f"{prefix}/group/{route}", json=body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -252,11 +258,11 @@ async def test_refusal_names_the_field_and_stores_nothing(
     assert err["param"] == param, err
     for s in says:
         assert s in err["message"], err["message"]
-    assert await harness.state.store.count_by_state() == {}
-    assert await group_rows(harness) == 0
+    assert await idle.state.store.count_by_state() == {}
+    assert await group_rows(idle) == 0
 
 
-async def test_every_problem_is_reported_at_once(harness: Any) -> None:
+async def test_every_problem_is_reported_at_once(idle: Any) -> None:
     body = {
         "requests": [
             CHAT_REQ,
@@ -267,7 +273,7 @@ async def test_every_problem_is_reported_at_once(harness: Any) -> None:
         "webhook_url": "https://x.example",
         "webhook_id": "wh_missing",
     }
-    r = await harness.client.post("/v1/slow/group/chat/completions", json=body)
+    r = await idle.client.post("/v1/slow/group/chat/completions", json=body)
     assert r.status_code == 400
     msg = r.json()["error"]["message"]
     for field in (
@@ -279,18 +285,18 @@ async def test_every_problem_is_reported_at_once(harness: Any) -> None:
     ):
         assert field in msg, (field, msg)
     assert "requests[0]" not in msg
-    assert await harness.state.store.count_by_state() == {}
-    assert await group_rows(harness) == 0
+    assert await idle.state.store.count_by_state() == {}
+    assert await group_rows(idle) == 0
 
 
 @pytest.mark.parametrize("raw", [b"", b"{oops"])
-async def test_empty_or_invalid_json_is_400(harness: Any, raw: bytes) -> None:
-    r = await harness.client.post(
+async def test_empty_or_invalid_json_is_400(idle: Any, raw: bytes) -> None:
+    r = await idle.client.post(
         "/v1/slow/group/completions", content=raw, headers={"content-type": "application/json"}
     )
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "body"
-    assert await group_rows(harness) == 0
+    assert await group_rows(idle) == 0
 
 
 async def _add_webhook(h: Any, tenant: str, wid: str) -> None:
@@ -386,13 +392,13 @@ async def test_cancel_completed_group_is_409(harness: Any) -> None:
 
 
 @pytest.mark.parametrize("prefix", PREFIXES)
-async def test_unknown_group_is_404(harness: Any, prefix: str) -> None:
+async def test_unknown_group_is_404(idle: Any, prefix: str) -> None:
     for method, path in [
         ("GET", "/generations"),
         ("GET", ""),
         ("POST", "/cancel"),
     ]:
-        r = await harness.client.request(method, f"{prefix}/group/NoSuchGroup_123456789{path}")
+        r = await idle.client.request(method, f"{prefix}/group/NoSuchGroup_123456789{path}")
         assert r.status_code == 404, (method, path)
         assert r.json()["error"]["type"] == "invalid_request_error"
 

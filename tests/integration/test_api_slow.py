@@ -44,6 +44,12 @@ async def submit(h: Any, body: Any, route: str = "/v1/slow/chat/completions", **
     return gid
 
 
+@pytest.fixture
+async def idle(harness_factory: Any) -> Any:
+    """A harness without a worker, for requests that must be refused before anything runs."""
+    return await harness_factory(run_worker=False)
+
+
 # ---------------------------------------------------------------- submission and the object
 
 
@@ -103,10 +109,10 @@ async def test_metadata_and_extra_fields_echoed_exactly(harness: Any, fake_backe
     assert sent["x_extra"] == body["x_extra"] and sent["temperature"] == 0.5
 
 
-async def test_unknown_generation_is_404(harness: Any) -> None:
-    r = await harness.client.get("/v1/generation/doesnotexist_12345678")
+async def test_unknown_generation_is_404(idle: Any) -> None:
+    r = await idle.client.get("/v1/generation/doesnotexist_12345678")
     assert_envelope(r, 404)
-    r = await harness.client.post("/v1/generation/doesnotexist_12345678/cancel")
+    r = await idle.client.post("/v1/generation/doesnotexist_12345678/cancel")
     assert_envelope(r, 404)
 
 
@@ -141,30 +147,30 @@ async def test_unknown_generation_is_404(harness: Any) -> None:
     ],
 )
 async def test_invalid_body_is_400_and_nothing_stored(
-    harness: Any, route: str, body: Any, param: str, says: str
+    idle: Any, route: str, body: Any, param: str, says: str
 ) -> None:
     for prefix in PREFIXES:
-        r = await harness.client.post(f"{prefix}/{route}", json=body)
+        r = await idle.client.post(f"{prefix}/{route}", json=body)
         err = assert_envelope(r, 400, param)
         assert err["type"] == "invalid_request_error"
         assert param in err["message"] and says in err["message"]
-    assert await harness.state.store.count_by_state() == {}
+    assert await idle.state.store.count_by_state() == {}
 
 
-async def test_unknown_model_names_the_served_ones(harness: Any) -> None:
-    r = await harness.client.post("/v1/slow/chat/completions", json={**CHAT, "model": "gpt-9"})
+async def test_unknown_model_names_the_served_ones(idle: Any) -> None:
+    r = await idle.client.post("/v1/slow/chat/completions", json={**CHAT, "model": "gpt-9"})
     err = assert_envelope(r, 400, "model")
     assert "gpt-9" in err["message"] and FAKE_MODEL in err["message"]
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"   \n", b"\xff\xfe"])
-async def test_invalid_or_empty_json_is_400(harness: Any, raw: bytes) -> None:
-    r = await harness.client.post(
+async def test_invalid_or_empty_json_is_400(idle: Any, raw: bytes) -> None:
+    r = await idle.client.post(
         "/v1/slow/chat/completions", content=raw, headers={"content-type": "application/json"}
     )
     err = assert_envelope(r, 400, "body")
     assert "JSON" in err["message"]
-    assert await harness.state.store.count_by_state() == {}
+    assert await idle.state.store.count_by_state() == {}
 
 
 @pytest.mark.parametrize(
@@ -354,9 +360,9 @@ async def test_idempotency_key_not_stored_for_invalid_request(harness_factory: A
     assert await h.state.store.count_by_state() == {"Queued": 1}
 
 
-async def test_idempotency_key_too_long_is_400(harness: Any) -> None:
-    r = await harness.client.post(
+async def test_idempotency_key_too_long_is_400(idle: Any) -> None:
+    r = await idle.client.post(
         "/v1/slow/chat/completions", json=CHAT, headers={"Idempotency-Key": "k" * 256}
     )
     assert_envelope(r, 400, "Idempotency-Key")
-    assert await harness.state.store.count_by_state() == {}
+    assert await idle.state.store.count_by_state() == {}

@@ -171,8 +171,10 @@ class BatchRunner:
             errors.append(LineError(0, f"input file cannot be read: {exc.message}"))
         if not errors and not hashes:
             errors.append(LineError(0, "the input file holds no requests"))
-        if not errors:
+        if len(hashes) > 1:  # report duplicates in the same round as other errors
             errors.extend(await self._duplicates(b, hashes))
+            errors.sort(key=lambda e: e.line)
+            del errors[MAX_REPORTED_ERRORS:]
         if errors:
             wire = [e.to_wire() for e in errors]
             if bad_lines > len(errors):
@@ -237,11 +239,7 @@ class BatchRunner:
             await self._load_chunk(b, first, chunk)
 
     async def _load_chunk(self, b: BatchRecord, first: int, chunk: list[BatchLine]) -> bool:
-        if await self.store.load_batch_chunk(self.id, b, first, chunk, b.kind):
-            return True
-        if await self.store.batch_status(b.id) == "cancelling":
-            await self.store.abandon_unloaded(self.id, b.id)
-        return False
+        return await self.store.load_batch_chunk(self.id, b, first, chunk, b.kind)
 
     async def finalize(self, b: BatchRecord) -> None:
         now = utcnow()

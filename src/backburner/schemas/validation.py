@@ -79,13 +79,13 @@ def _pydantic_problems(exc: ValidationError, prefix: str) -> list[Problem]:
 
 def wrong_kind(kind: Kind, body: dict[str, Any], prefix: str) -> Problem | None:
     where = prefix or "body"
-    if kind is Kind.CHAT and "prompt" in body and "messages" not in body:
+    if kind is Kind.CHAT and "prompt" in body:
         return Problem(
             where,
             "has 'prompt', which belongs to a completions request; chat"
             " completion requests need 'messages'",
         )
-    if kind is Kind.COMPLETION and "messages" in body and "prompt" not in body:
+    if kind is Kind.COMPLETION and "messages" in body:
         return Problem(
             where,
             "has 'messages', which belongs to a chat completions request;"

@@ -319,12 +319,6 @@ class BatchesMixin(StoreBase):
                 .values(lease_owner=None, lease_expires_at=None)
             )
 
-    async def batch_status(self, batch_id: str) -> str:
-        async with self._reader.connect() as conn:
-            return str(
-                (await conn.execute(sa.select(B.c.status).where(B.c.id == batch_id))).scalar_one()
-            )
-
     async def fail_batch(
         self, worker_id: str, batch_id: str, errors: Sequence[Mapping[str, Any]]
     ) -> None:
@@ -392,74 +386,63 @@ class BatchesMixin(StoreBase):
         lines: Sequence[BatchLine],
         kind: Kind,
     ) -> bool:
-        """Insert lines ``first_index..`` as Queued generations; a compare-and-set on
-        ``loaded`` makes a resumed load never insert a line twice. False if cancelled."""
+        """Insert lines ``first_index..`` as generations; the check on ``loaded`` makes a
+        resumed load never insert a line twice. In a batch being cancelled the lines go in as
+        Failed "Cancelled" (so they appear in the error file and a retry runs them).
+        False when this worker may not load (lease lost, or the batch moved on)."""
         now = utcnow()
         assert batch.fair_start is not None
-        rows = [
-            {
-                "id": new_id(),
-                "tenant": batch.tenant,
-                "kind": kind.value,
-                "model": str(line.body["model"]),
-                "request": codec.dumps(line.body),
-                "response": None,
-                "state": State.QUEUED.value,
-                "state_message": StateMessage.QUEUED,
-                "attempts": 0,
-                "fair_key": batch.fair_start + first_index + i,
-                "available_at": now,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "created_at": now,
-                "dispatched_at": None,
-                "finished_at": None,
-                "expires_at": batch.expires_at,
-                "group_id": None,
-                "group_index": first_index + i,
-                "batch_id": batch.id,
-                "custom_id": line.custom_id,
-                "webhook_id": None,
-            }
-            for i, line in enumerate(lines)
-        ]
         async with self._writer.begin() as conn:
-            res = await conn.execute(
-                B.update()
-                .where(
-                    B.c.id == batch.id,
-                    B.c.lease_owner == worker_id,
-                    B.c.loaded == first_index,
-                    B.c.status == "in_progress",
+            row = (
+                await conn.execute(
+                    sa.select(B.c.status, B.c.loaded)
+                    .where(B.c.id == batch.id, B.c.lease_owner == worker_id)
+                    .with_for_update()
                 )
+            ).first()
+            if row is None or row[1] != first_index or row[0] not in ACTIVE:
+                return False
+            cancelled = row[0] == "cancelling"
+            state = State.FAILED.value if cancelled else State.QUEUED.value
+            message = StateMessage.CANCELLED if cancelled else StateMessage.QUEUED
+            rows = [
+                {
+                    "id": new_id(),
+                    "tenant": batch.tenant,
+                    "kind": kind.value,
+                    "model": str(line.body["model"]),
+                    "request": codec.dumps(line.body),
+                    "response": None,
+                    "state": state,
+                    "state_message": message,
+                    "attempts": 0,
+                    "fair_key": batch.fair_start + first_index + i,
+                    "available_at": now,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "created_at": now,
+                    "dispatched_at": None,
+                    "finished_at": now if cancelled else None,
+                    "expires_at": batch.expires_at,
+                    "group_id": None,
+                    "group_index": first_index + i,
+                    "batch_id": batch.id,
+                    "custom_id": line.custom_id,
+                    "webhook_id": None,
+                }
+                for i, line in enumerate(lines)
+            ]
+            await conn.execute(
+                B.update()
+                .where(B.c.id == batch.id)
                 .values(
                     loaded=first_index + len(lines), lease_expires_at=now + timedelta(seconds=120)
                 )
             )
-            if res.rowcount != 1:
-                return False
             await conn.execute(G.insert(), rows)
+            if cancelled:
+                await self._batches_finished(conn, {batch.id: (0, len(rows))}, now)
         return True
-
-    async def abandon_unloaded(self, worker_id: str, batch_id: str) -> None:
-        """A batch cancelled while loading: lines never loaded count as failed (cancelled)."""
-        now = utcnow()
-        async with self._writer.begin() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(B.c.loaded, B.c.total)
-                    .where(
-                        B.c.id == batch_id, B.c.lease_owner == worker_id, B.c.status == "cancelling"
-                    )
-                    .with_for_update()
-                )
-            ).first()
-            if row is None:
-                return
-            loaded, total = int(row[0]), int(row[1])
-            await conn.execute(B.update().where(B.c.id == batch_id).values(loaded=total))
-            if total > loaded:
-                await self._batches_finished(conn, {batch_id: (0, total - loaded)}, now)
 
     async def _batches_finished(
         self, conn: AsyncConnection, per_batch: Mapping[str, tuple[int, int]], now: datetime
