@@ -215,8 +215,7 @@ def start_profiler(srv: procs.Proc, out: Path) -> subprocess.Popen[bytes]:
     The output is collapsed stacks (one ``frame;frame;... count`` a line), on-CPU samples only.
     """
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    argv = [spy, "record", "--pid", str(srv.pid), "--rate", "100", "--format", "raw"]
-    argv.append("--nonblocking")  # do not pause the server to sample it
+    argv = [spy, "record", "--pid", str(srv.pid), "--rate", "50", "--format", "raw"]
     return subprocess.Popen(
         [*argv, "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

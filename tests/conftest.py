@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from backburner.store import Store
 from backburner.store.migrate import upgrade
 from backburner.store.tables import metadata
 from tests.support.fake_backend import FakeBackend
+from tests.support.pgdb import create_database, drop_database
 
 PG_ENV = "BACKBURNER_TEST_DATABASE_URL"
 FAKE_MODEL = "fake-model"
@@ -38,44 +38,10 @@ def pg_database() -> Iterator[str]:
     base = _pg_base()
     if base is None:
         pytest.skip(f"{PG_ENV} not set")
-    name = f"bb_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    url = sa.make_url(base)
-
-    async def create() -> None:
-        import asyncpg
-
-        conn = await asyncpg.connect(
-            host=url.host or "127.0.0.1",
-            port=url.port or 5432,
-            user=url.username or "postgres",
-            password=url.password,
-            database=url.database or "postgres",
-        )
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    async def drop() -> None:
-        import asyncpg
-
-        conn = await asyncpg.connect(
-            host=url.host or "127.0.0.1",
-            port=url.port or 5432,
-            user=url.username or "postgres",
-            password=url.password,
-            database=url.database or "postgres",
-        )
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    test_url = url.set(database=name).render_as_string(hide_password=False)
+    test_url = asyncio.run(create_database(base))
     upgrade(test_url)
     yield test_url
-    asyncio.run(drop())
+    asyncio.run(drop_database(test_url))
 
 
 async def _truncate(store: Store) -> None:

@@ -157,17 +157,20 @@ class BatchesMixin(StoreBase):
             ).all()
         return [_batch(r) for r in rows]
 
+    async def _lock_batch(self, conn: AsyncConnection, tenant: str, batch_id: str) -> BatchRecord:
+        row = (
+            await conn.execute(
+                sa.select(B).where(B.c.id == batch_id, B.c.tenant == tenant).with_for_update()
+            )
+        ).first()
+        if row is None:
+            raise NotFound(f"No batch with id '{batch_id}'.", param="batch_id")
+        return _batch(row)
+
     async def cancel_batch(self, tenant: str, batch_id: str) -> BatchRecord:
         now = utcnow()
         async with self._writer.begin() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(B).where(B.c.id == batch_id, B.c.tenant == tenant).with_for_update()
-                )
-            ).first()
-            if row is None:
-                raise NotFound(f"No batch with id '{batch_id}'.", param="batch_id")
-            b = _batch(row)
+            b = await self._lock_batch(conn, tenant, batch_id)
             if b.status not in ("validating", "in_progress"):
                 raise Conflict(
                     f"Batch '{batch_id}' is {b.status} and cannot be cancelled.",
@@ -193,14 +196,7 @@ class BatchesMixin(StoreBase):
         """Queue the failed requests of a finished batch again (backburner's extension)."""
         now = utcnow()
         async with self._writer.begin() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(B).where(B.c.id == batch_id, B.c.tenant == tenant).with_for_update()
-                )
-            ).first()
-            if row is None:
-                raise NotFound(f"No batch with id '{batch_id}'.", param="batch_id")
-            b = _batch(row)
+            b = await self._lock_batch(conn, tenant, batch_id)
             if b.status not in ("completed", "expired", "cancelled") or b.failed == 0:
                 raise Conflict(
                     f"Batch '{batch_id}' is {b.status} with {b.failed} failed requests; only a"

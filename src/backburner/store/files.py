@@ -6,6 +6,7 @@ every reader: like another tenant's file, it is :class:`~backburner.errors.NotFo
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any, Literal
 
@@ -84,23 +85,7 @@ class FilesMixin(KeysMixin):
             deleted_at=None,
         )
         async with self._writer.begin() as conn:
-            await conn.execute(
-                F.insert().values(
-                    id=file_id,
-                    tenant=tenant,
-                    filename=filename,
-                    purpose=purpose,
-                    bytes=bytes,
-                    lines=lines,
-                    sha256=sha256,
-                    blob=blob,
-                    batch_id=batch_id,
-                    status=status,
-                    created_at=now,
-                    expires_at=None,
-                    deleted_at=None,
-                )
-            )
+            await conn.execute(F.insert().values(**dataclasses.asdict(rec)))
             if idempotency is not None:
                 await self._save_idempotency(conn, tenant, idempotency, now, idempotency_ttl)
         return rec
