@@ -70,8 +70,10 @@ class OpenAIBackend:
             headers=headers,
             timeout=httpx.Timeout(s.timeout_seconds, connect=10.0),
             limits=httpx.Limits(
-                max_connections=s.max_concurrency * 2,
-                max_keepalive_connections=s.max_concurrency * 2,
+                # realtime and slow calls share the gate, so max_concurrency bounds them both;
+                # a larger pool only costs time (httpcore scans it on every request)
+                max_connections=s.max_concurrency,
+                max_keepalive_connections=s.max_concurrency,
             ),
             transport=self._transport,
             follow_redirects=False,

@@ -255,12 +255,13 @@ class Store(BatchesMixin, FilesMixin, WebhooksMixin, KeysMixin, StoreBase):
     async def _after_terminal(
         self, conn: AsyncConnection, finished: Sequence[Any], now: datetime
     ) -> list[str]:
+        # rows (with ._mapping) or plain mappings
         """In the transaction that made generations terminal: queue their webhook events and
         count them against their groups. ``finished`` rows carry id, group_id and webhook_id."""
         per_group: Counter[str] = Counter()
         per_batch: dict[str, tuple[int, int]] = {}
         for r in finished:
-            m = r._mapping
+            m = r._mapping if hasattr(r, "_mapping") else r
             if m["webhook_id"]:
                 full = (await conn.execute(sa.select(G).where(G.c.id == m["id"]))).one()
                 await self._enqueue_generation_event(conn, codec.generation(full), now)
@@ -458,40 +459,76 @@ class Store(BatchesMixin, FilesMixin, WebhooksMixin, KeysMixin, StoreBase):
     async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[str]:
         """Record outcomes of generations this worker holds, in one transaction.
 
-        Each update is a compare-and-set on (In Progress, lease owner): a worker whose lease was
-        taken away records nothing. Returns the ids of groups that completed.
+        Only generations still In Progress under this worker's lease are written (they are
+        locked first), so a worker whose lease was taken away records nothing. Three statements
+        whatever the batch size: lock-and-read, then one executemany per kind of outcome.
+        Returns the ids of groups that completed.
         """
         if not outcomes:
             return []
         now = utcnow()
-        finished: list[Any] = []
         async with self._writer.begin() as conn:
-            for o in outcomes:
-                values: dict[str, Any] = {
-                    "state": o.state.value,
-                    "state_message": o.message,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                }
-                if o.state is State.QUEUED:
-                    values["available_at"] = o.retry_at or now
-                else:
-                    values["finished_at"] = now
-                    values["response"] = codec.dumps(o.response) if o.response is not None else None
-                row = (
+            owned = {
+                r._mapping["id"]: dict(r._mapping)
+                for r in (
                     await conn.execute(
-                        G.update()
+                        sa.select(G.c.id, G.c.group_id, G.c.webhook_id, G.c.batch_id)
                         .where(
-                            G.c.id == o.generation_id,
+                            G.c.id.in_([o.generation_id for o in outcomes]),
                             G.c.state == State.IN_PROGRESS.value,
                             G.c.lease_owner == worker_id,
                         )
-                        .values(**values)
-                        .returning(*TERMINAL_COLS)
+                        .with_for_update()
                     )
-                ).first()
-                if row is not None and o.state.terminal:
-                    finished.append(row)
+                ).all()
+            }
+            done: list[dict[str, Any]] = []
+            retry: list[dict[str, Any]] = []
+            finished: list[dict[str, Any]] = []
+            for o in outcomes:
+                row = owned.pop(o.generation_id, None)
+                if row is None:
+                    continue
+                if o.state is State.QUEUED:
+                    retry.append(
+                        {"b_id": o.generation_id, "b_msg": o.message, "b_at": o.retry_at or now}
+                    )
+                    continue
+                done.append(
+                    {
+                        "b_id": o.generation_id,
+                        "b_state": o.state.value,
+                        "b_msg": o.message,
+                        "b_resp": codec.dumps(o.response) if o.response is not None else None,
+                    }
+                )
+                finished.append({**row, "state": o.state.value})
+            cleared = {"lease_owner": None, "lease_expires_at": None}
+            if done:
+                await conn.execute(
+                    G.update()
+                    .where(G.c.id == sa.bindparam("b_id"))
+                    .values(
+                        state=sa.bindparam("b_state"),
+                        state_message=sa.bindparam("b_msg"),
+                        response=sa.bindparam("b_resp"),
+                        finished_at=now,
+                        **cleared,
+                    ),
+                    done,
+                )
+            if retry:
+                await conn.execute(
+                    G.update()
+                    .where(G.c.id == sa.bindparam("b_id"))
+                    .values(
+                        state=State.QUEUED.value,
+                        state_message=sa.bindparam("b_msg"),
+                        available_at=sa.bindparam("b_at", type_=G.c.available_at.type),
+                        **cleared,
+                    ),
+                    retry,
+                )
             return await self._after_terminal(conn, finished, now)
 
     async def release(self, worker_id: str, ids: Sequence[str]) -> int:
