@@ -311,3 +311,38 @@ async def test_cancel_while_loading_keeps_every_line(harness_factory: Any, tmp_p
     await h.client.post(f"/v1/batches/{bid}/retry")
     b = await wait_status(h, bid, "completed")
     assert b["request_counts"] == {"total": 600, "completed": 600, "failed": 0}
+
+
+async def test_sdk_batch_and_cancel_on_both_stores(
+    store: Any, harness_factory: Any, tmp_path: Any
+) -> None:
+    """The same flow on SQLite and PostgreSQL (the ``store`` fixture empties the PG tables)."""
+    h = await harness_factory(
+        db=store.url, backend=MarkerBackend("fake"), files_dir=str(tmp_path / "f")
+    )
+    client = sdk(h)
+    data = jsonl([line(i) for i in range(20)] + [line(20, "REJECT")])
+    f = await client.files.create(file=("in.jsonl", data, "application/jsonl"), purpose="batch")
+    b = await client.batches.create(
+        input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = await wait_status(h, b.id, "completed")
+    assert done["request_counts"] == {"total": 21, "completed": 20, "failed": 1}
+    h2 = await harness_factory(
+        db=store.url, backend=MarkerBackend("fake", delay=0.2), files_dir=str(tmp_path / "f")
+    )
+    c2 = sdk(h2)
+    f2 = await c2.files.create(
+        file=("in2.jsonl", jsonl([line(i) for i in range(40)]), "application/jsonl"),
+        purpose="batch",
+    )
+    b2 = await c2.batches.create(
+        input_file_id=f2.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    await wait_status(h2, b2.id, "in_progress")
+    cancelled = await c2.batches.cancel(b2.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    final = await wait_status(h2, b2.id, "cancelled")
+    assert final["request_counts"]["total"] == 40
+    ids = [x.id for x in (await c2.batches.list()).data]
+    assert ids[:2] == [b2.id, b.id]
