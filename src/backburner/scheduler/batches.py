@@ -121,7 +121,7 @@ class BatchRunner:
                     await self.load(b)
             elif b.status in ("in_progress", "cancelling") and b.loaded < b.total:
                 await self.load(b)
-            elif b.status == "finalizing":
+            elif b.status == "finalizing" or (b.status == "cancelling" and b.pending <= 0):
                 await self.finalize(b)
         except Exception:
             log.exception("batch %s: work failed; another try follows when the lease ends", b.id)

@@ -277,6 +277,7 @@ class BatchesMixin(StoreBase):
                 sa.or_(
                     B.c.status.in_(("validating", "finalizing")),
                     sa.and_(B.c.status.in_(ACTIVE), B.c.loaded < B.c.total),
+                    sa.and_(B.c.status == "cancelling", B.c.pending <= 0, B.c.loaded >= B.c.total),
                 ),
                 sa.or_(B.c.lease_expires_at.is_(None), B.c.lease_expires_at < now),
             )
@@ -459,10 +460,16 @@ class BatchesMixin(StoreBase):
                 )
             ).first()
             if row is not None and row[0] <= 0 and row[1] in ACTIVE:
+                # a cancelled batch stays "cancelling" until its files are written (as OpenAI's)
                 await conn.execute(
                     B.update()
                     .where(B.c.id == batch_id, B.c.status.in_(ACTIVE))
-                    .values(status="finalizing", finalizing_at=now)
+                    .values(
+                        status=sa.case(
+                            (B.c.status == "cancelling", "cancelling"), else_="finalizing"
+                        ),
+                        finalizing_at=now,
+                    )
                 )
 
     async def finalize_batch(
@@ -489,7 +496,12 @@ class BatchesMixin(StoreBase):
                     await conn.execute(files.insert().values(**f))
             res = await conn.execute(
                 B.update()
-                .where(B.c.id == batch.id, B.c.lease_owner == worker_id, B.c.status == "finalizing")
+                .where(
+                    B.c.id == batch.id,
+                    B.c.lease_owner == worker_id,
+                    B.c.status.in_(("finalizing", "cancelling")),
+                    B.c.pending <= 0,
+                )
                 .values(
                     status=status,
                     output_file_id=output["id"] if output else None,

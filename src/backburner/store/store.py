@@ -32,6 +32,7 @@ from backburner.store import codec
 from backburner.store.base import StoreBase
 from backburner.store.batches import BatchesMixin
 from backburner.store.files import FilesMixin
+from backburner.store.groups import GroupsMixin
 from backburner.store.keys import KeysMixin
 from backburner.store.tables import (
     generations,
@@ -45,7 +46,7 @@ TERMINAL_COLS = (G.c.id, G.c.group_id, G.c.webhook_id, G.c.batch_id, G.c.state)
 UNFINISHED = (State.QUEUED.value, State.IN_PROGRESS.value)
 
 
-class Store(BatchesMixin, FilesMixin, WebhooksMixin, KeysMixin, StoreBase):
+class Store(GroupsMixin, BatchesMixin, FilesMixin, WebhooksMixin, KeysMixin, StoreBase):
     """Generations and groups; keys, idempotency and webhooks come from the mixins."""
 
     # ------------------------------------------------------------------ enqueue
@@ -213,44 +214,6 @@ class Store(BatchesMixin, FilesMixin, WebhooksMixin, KeysMixin, StoreBase):
             ).all()
         return {r[0]: int(r[1]) for r in rows}
 
-    async def _group_counts(self, conn: AsyncConnection, group_id: str) -> GroupCounts:
-        rows = (
-            await conn.execute(
-                sa.select(G.c.state, sa.func.count())
-                .where(G.c.group_id == group_id)
-                .group_by(G.c.state)
-            )
-        ).all()
-        by = {r[0]: int(r[1]) for r in rows}
-        return GroupCounts(
-            queued=by.get(State.QUEUED.value, 0),
-            in_progress=by.get(State.IN_PROGRESS.value, 0),
-            success=by.get(State.SUCCESS.value, 0),
-            failed=by.get(State.FAILED.value, 0),
-        )
-
-    async def get_group(
-        self, tenant: str, group_id: str, *, with_generations: bool = False
-    ) -> tuple[GroupRecord, list[GenerationRecord]]:
-        async with self._reader.connect() as conn, conn.begin():
-            row = (
-                await conn.execute(
-                    sa.select(groups).where(groups.c.id == group_id, groups.c.tenant == tenant)
-                )
-            ).first()
-            if row is None:
-                raise NotFound(f"No group with id '{group_id}'.", param="groupId")
-            counts = await self._group_counts(conn, group_id)
-            gens: list[GenerationRecord] = []
-            if with_generations:
-                rows = (
-                    await conn.execute(
-                        sa.select(G).where(G.c.group_id == group_id).order_by(G.c.group_index)
-                    )
-                ).all()
-                gens = [codec.generation(r) for r in rows]
-        return codec.group(row, counts), gens
-
     # ------------------------------------------------------------------ terminal bookkeeping
     async def _after_terminal(
         self, conn: AsyncConnection, finished: Sequence[Any], now: datetime
@@ -274,60 +237,6 @@ class Store(BatchesMixin, FilesMixin, WebhooksMixin, KeysMixin, StoreBase):
         if per_batch:
             await self._batches_finished(conn, per_batch, now)
         return await self._groups_finished(conn, per_group, now)
-
-    async def _groups_finished(
-        self, conn: AsyncConnection, per_group: Counter[str], now: datetime
-    ) -> list[str]:
-        """Count finished generations against their groups; returns groups that just completed.
-
-        The decrement is an UPDATE of the group row, so concurrent finishers serialise on it and
-        exactly one of them sees ``pending`` reach zero and records the completion.
-        """
-        completed: list[str] = []
-        for group_id, n in sorted(per_group.items()):
-            pending = (
-                await conn.execute(
-                    groups.update()
-                    .where(groups.c.id == group_id)
-                    .values(pending=groups.c.pending - n)
-                    .returning(groups.c.pending)
-                )
-            ).scalar_one_or_none()
-            if pending is not None and pending <= 0:
-                done = await conn.execute(
-                    groups.update()
-                    .where(groups.c.id == group_id, groups.c.completed_at.is_(None))
-                    .values(
-                        completed_at=now,
-                        status=sa.case(
-                            (
-                                groups.c.status == GroupStatus.IN_PROGRESS.value,
-                                GroupStatus.COMPLETED.value,
-                            ),
-                            else_=groups.c.status,
-                        ),
-                    )
-                )
-                if done.rowcount == 1:
-                    completed.append(group_id)
-                    await self._group_completed_event(conn, group_id, now)
-        return completed
-
-    async def _group_completed_event(
-        self, conn: AsyncConnection, group_id: str, now: datetime
-    ) -> None:
-        row = (await conn.execute(sa.select(groups).where(groups.c.id == group_id))).one()
-        if not row._mapping["webhook_id"]:
-            return
-        counts = await self._group_counts(conn, group_id)
-        gens = (
-            await conn.execute(
-                sa.select(G).where(G.c.group_id == group_id).order_by(G.c.group_index)
-            )
-        ).all()
-        await self._enqueue_group_event(
-            conn, codec.group(row, counts), [codec.generation(g) for g in gens], now
-        )
 
     async def cancel_generation(self, tenant: str, generation_id: str) -> GenerationRecord:
         now = utcnow()
