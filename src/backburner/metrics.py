@@ -42,6 +42,12 @@ class Metrics:
         self.webhook_seconds = Histogram(
             "backburner_webhook_attempt_seconds", "Webhook delivery attempt latency", registry=r
         )
+        self.generations = Gauge(
+            "backburner_generations",
+            "Generations in the store by state (read when /metrics is scraped)",
+            ["state"],
+            registry=r,
+        )
         self.realtime = Counter(
             "backburner_realtime_requests", "Realtime requests", ["kind", "status"], registry=r
         )

@@ -366,3 +366,23 @@ async def test_idempotency_key_too_long_is_400(idle: Any) -> None:
     )
     assert_envelope(r, 400, "Idempotency-Key")
     assert await idle.state.store.count_by_state() == {}
+
+
+async def test_idempotency_key_on_cancel_and_webhook_create(harness_factory: Any) -> None:
+    h = await harness_factory(run_worker=False)
+    body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "x"}]}
+    gid = (await h.client.post("/v1/slow/chat/completions", json=body)).json()["id"]
+    key = {"Idempotency-Key": "cancel-1"}
+    first = await h.client.post(f"/v1/generation/{gid}/cancel", headers=key)
+    again = await h.client.post(f"/v1/generation/{gid}/cancel", headers=key)
+    assert first.status_code == again.status_code == 200
+    assert first.json() == again.json()
+    assert again.headers["idempotent-replayed"] == "true"
+    assert (await h.client.post(f"/v1/generation/{gid}/cancel")).status_code == 409
+    hk = {"Idempotency-Key": "hook-1"}
+    a = await h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/x"}, headers=hk)
+    b = await h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/x"}, headers=hk)
+    assert a.json()["id"] == b.json()["id"]
+    assert len((await h.client.get("/v1/webhooks")).json()["data"]) == 1
+    c = await h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/y"}, headers=hk)
+    assert c.status_code == 409

@@ -39,6 +39,12 @@ from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
 log = logging.getLogger("backburner")
 
 
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """A background loop that dies takes its lane with it: say so loudly."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("%s stopped with an error", task.get_name(), exc_info=task.exception())
+
+
 def worker_options(settings: Settings) -> WorkerOptions:
     return WorkerOptions(
         max_attempts=settings.max_attempts,
@@ -123,6 +129,8 @@ def create_app(
             tasks.append(asyncio.create_task(st.dispatcher.run(), name="bb-dispatcher"))
             st.batches = build_batch_runner(settings, store, blobs, router)
             tasks.append(asyncio.create_task(st.batches.run(), name="bb-batches"))
+        for t in tasks:
+            t.add_done_callback(_report_crash)
         app.state.bb = st
         log.info("backburner %s ready: models %s", __version__, ", ".join(router.models))
         try:

@@ -4,6 +4,8 @@ work it creates, so a retry after a crash never submits twice."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,34 @@ async def replay(st: AppState, tenant: str, key: IdemKey) -> JSONResponse | None
             code="idempotency_key_reused",
         )
     return JSONResponse(answer, status_code=status_code, headers={"Idempotent-Replayed": "true"})
+
+
+async def once(
+    st: AppState,
+    tenant: str,
+    request: Request,
+    raw: bytes,
+    run: Callable[[], Awaitable[Any]],
+) -> Any:
+    """Run a POST handler at most once per Idempotency-Key (and body): a repeat gets the first
+    successful answer. The key is saved right after the handler succeeds; answers that are
+    errors are not saved, so a retry after an error runs again."""
+    key, replayed = await begin(st, tenant, request, raw)
+    if replayed is not None:
+        return replayed
+    result = await run()
+    if key is None:
+        return result
+    if isinstance(result, JSONResponse):
+        if result.status_code != 200:
+            return result
+        answer = json.loads(bytes(result.body))
+    else:
+        answer = result
+    await st.store.save_idempotent(
+        tenant, key.with_answer(answer), st.settings.idempotency_ttl_seconds
+    )
+    return JSONResponse(answer)
 
 
 async def begin(

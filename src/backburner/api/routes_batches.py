@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from backburner.api import idempotency
 from backburner.api.auth import tenant
 from backburner.api.bodies import read_json
 from backburner.api.errors import problems_error
@@ -25,7 +26,10 @@ def batches_router() -> APIRouter:
     async def create(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
     ) -> Any:
-        raw, _ = await read_json(request, st.settings.max_body_bytes)
+        payload, raw_bytes = await read_json(request, st.settings.max_body_bytes)
+        return await idempotency.once(st, t, request, raw_bytes, lambda: _create(payload, t, st))
+
+    async def _create(raw: Any, t: str, st: AppState) -> Any:
         try:
             body = BatchCreate.model_validate(raw)
         except ValidationError as exc:
@@ -82,19 +86,31 @@ def batches_router() -> APIRouter:
 
     @r.post("/{batch_id}/cancel", summary="Cancel a batch: queued requests stop")
     async def cancel(
-        batch_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        batch_id: str,
+        request: Request,
+        t: str = Depends(tenant),
+        st: AppState = Depends(app_state),
     ) -> Any:
-        b = await st.store.cancel_batch(t, batch_id)
-        st.wake_batches()
-        return b.to_wire()
+        async def run() -> Any:
+            b = await st.store.cancel_batch(t, batch_id)
+            st.wake_batches()
+            return b.to_wire()
+
+        return await idempotency.once(st, t, request, b"", run)
 
     @r.post("/{batch_id}/retry", summary="Queue a finished batch's failed requests again")
     async def retry(
-        batch_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        batch_id: str,
+        request: Request,
+        t: str = Depends(tenant),
+        st: AppState = Depends(app_state),
     ) -> Any:
-        b = await st.store.retry_batch(t, batch_id)
-        st.wake_worker()
-        return b.to_wire()
+        async def run() -> Any:
+            b = await st.store.retry_batch(t, batch_id)
+            st.wake_worker()
+            return b.to_wire()
+
+        return await idempotency.once(st, t, request, b"", run)
 
     @r.get("/{batch_id}/results", summary="Results so far (partial while the batch runs)")
     async def results(

@@ -88,8 +88,14 @@ def group_router(prefix: str) -> APIRouter:
 
     @r.post("/{group_id}/cancel", summary="Cancel a group's queued generations")
     async def group_cancel(
-        group_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        group_id: str,
+        request: Request,
+        t: str = Depends(tenant),
+        st: AppState = Depends(app_state),
     ) -> Any:
-        return JSONResponse((await st.store.cancel_group(t, group_id)).to_wire())
+        async def run() -> Any:
+            return (await st.store.cancel_group(t, group_id)).to_wire()
+
+        return await idempotency.once(st, t, request, b"", run)
 
     return r

@@ -43,6 +43,13 @@ def ops_router() -> APIRouter:
 
     @r.get("/metrics", summary="Prometheus metrics")
     async def metrics(st: AppState = Depends(app_state)) -> Response:
+        try:
+            counts = await st.store.count_by_state()
+        except Exception:
+            counts = None  # the store being down must not hide the process's own metrics
+        if counts is not None:
+            for state in ("Queued", "In Progress", "Success", "Failed"):
+                st.metrics.generations.labels(state).set(counts.get(state, 0))
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return r

@@ -95,8 +95,14 @@ def generation_router() -> APIRouter:
 
     @r.post("/{generation_id}/cancel", summary="Cancel a queued generation")
     async def cancel_generation(
-        generation_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        generation_id: str,
+        request: Request,
+        t: str = Depends(tenant),
+        st: AppState = Depends(app_state),
     ) -> Any:
-        return JSONResponse((await st.store.cancel_generation(t, generation_id)).to_wire())
+        async def run() -> Any:
+            return (await st.store.cancel_generation(t, generation_id)).to_wire()
+
+        return await idempotency.once(st, t, request, b"", run)
 
     return r

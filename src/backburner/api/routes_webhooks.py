@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from backburner.api import idempotency
 from backburner.api.auth import tenant
 from backburner.api.bodies import read_json
 from backburner.api.errors import problems_error
@@ -20,8 +21,7 @@ from backburner.webhooks.signing import new_secret
 M = TypeVar("M", bound=BaseModel)
 
 
-async def _parse(request: Request, st: AppState, model: type[M]) -> M | JSONResponse:
-    body, _ = await read_json(request, st.settings.max_body_bytes)
+def _parse(body: Any, model: type[M]) -> M | JSONResponse:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -44,19 +44,24 @@ def webhooks_router() -> APIRouter:
     async def create(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
     ) -> Any:
-        body = await _parse(request, st, WebhookCreate)
-        if isinstance(body, JSONResponse):
-            return body
-        await guard(st).check(body.url)
-        rec = await st.store.create_webhook(
-            t,
-            url=body.url,
-            secret=new_secret(),
-            name=body.name,
-            events=body.events,
-            enabled=body.enabled,
-        )
-        return JSONResponse(rec.to_wire(with_secret=True))
+        payload, raw = await read_json(request, st.settings.max_body_bytes)
+
+        async def run() -> Any:
+            body = _parse(payload, WebhookCreate)
+            if isinstance(body, JSONResponse):
+                return body
+            await guard(st).check(body.url)
+            rec = await st.store.create_webhook(
+                t,
+                url=body.url,
+                secret=new_secret(),
+                name=body.name,
+                events=body.events,
+                enabled=body.enabled,
+            )
+            return JSONResponse(rec.to_wire(with_secret=True))
+
+        return await idempotency.once(st, t, request, raw, run)
 
     @r.get("", summary="List webhooks")
     async def list_(t: str = Depends(tenant), st: AppState = Depends(app_state)) -> Any:
@@ -75,7 +80,8 @@ def webhooks_router() -> APIRouter:
         t: str = Depends(tenant),
         st: AppState = Depends(app_state),
     ) -> Any:
-        body = await _parse(request, st, WebhookUpdate)
+        payload, _ = await read_json(request, st.settings.max_body_bytes)
+        body = _parse(payload, WebhookUpdate)
         if isinstance(body, JSONResponse):
             return body
         await st.store.get_webhook(t, webhook_id)  # 404 before validating the URL
@@ -96,17 +102,23 @@ def webhooks_router() -> APIRouter:
 
     @r.post("/{webhook_id}/test", summary="Send a webhook.test event")
     async def test(
-        webhook_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        webhook_id: str,
+        request: Request,
+        t: str = Depends(tenant),
+        st: AppState = Depends(app_state),
     ) -> Any:
-        event_id = await st.store.enqueue_test_event(t, webhook_id)
-        st.wake_dispatcher()
-        return {
-            "id": event_id,
-            "object": "webhook.delivery",
-            "event": "webhook.test",
-            "webhookId": webhook_id,
-            "state": "pending",
-        }
+        async def run() -> Any:
+            event_id = await st.store.enqueue_test_event(t, webhook_id)
+            st.wake_dispatcher()
+            return {
+                "id": event_id,
+                "object": "webhook.delivery",
+                "event": "webhook.test",
+                "webhookId": webhook_id,
+                "state": "pending",
+            }
+
+        return await idempotency.once(st, t, request, b"", run)
 
     @r.get("/{webhook_id}/deliveries", summary="The delivery log: every attempt")
     async def deliveries(
@@ -121,10 +133,16 @@ def webhooks_router() -> APIRouter:
 
     @r.post("/deliveries/{delivery_id}/redeliver", summary="Deliver an event again")
     async def redeliver(
-        delivery_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        delivery_id: str,
+        request: Request,
+        t: str = Depends(tenant),
+        st: AppState = Depends(app_state),
     ) -> Any:
-        event_id = await st.store.redeliver(t, delivery_id)
-        st.wake_dispatcher()
-        return {"id": event_id, "object": "webhook.delivery", "state": "pending"}
+        async def run() -> Any:
+            event_id = await st.store.redeliver(t, delivery_id)
+            st.wake_dispatcher()
+            return {"id": event_id, "object": "webhook.delivery", "state": "pending"}
+
+        return await idempotency.once(st, t, request, b"", run)
 
     return r
