@@ -29,9 +29,10 @@ def _sqlite_events(engine: AsyncEngine, *, immediate: bool) -> None:
         # Let us issue BEGIN ourselves (pysqlite's implicit transactions are off).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
+        # busy_timeout first: switching to WAL takes a lock another connection may hold
+        cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
