@@ -158,3 +158,22 @@ async def test_url_rules(harness_factory: Any) -> None:
         assert r.json()["error"]["param"] == "url"
     r = await h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1/x", "events": ["nope"]})
     assert r.status_code == 400 and "events" in r.json()["error"]["param"]
+
+
+async def test_realtime_requests_with_webhook_id_are_announced(harness_factory: Any) -> None:
+    h = await harness_factory(**FAST)
+    async with running_receiver() as rec:
+        hook = await create_hook(h, rec.url)
+        body = chat("now", "rt-1", webhook_id=hook["id"])
+        r = await h.client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200
+        r = await h.client.post("/v1/chat/completions", json={**body, "stream": True})
+        assert r.text.rstrip().endswith("data: [DONE]")
+        posts = await rec.wait_posts(2)
+        payloads = [verify(hook["secret"], p) for p in posts]
+        assert {p["event"] for p in payloads} == {"generation.completed"}
+        texts = sorted(p["data"]["response"]["choices"][0]["message"]["content"] for p in payloads)
+        assert texts == ["Hello there!", "echo: now"]
+        for p in payloads:
+            g = (await h.client.get(f"/v1/generation/{p['generation_id']}")).json()
+            assert g["state"] == "Success" and g["request"]["metadata"]["custom_id"] == "rt-1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -19,6 +20,7 @@ from backburner.api.state import AppState, app_state
 from backburner.core.clock import utcnow
 from backburner.core.states import Kind, State, StateMessage
 from backburner.errors import BackendError
+from backburner.schemas.stream import fold_chunks
 from backburner.schemas.validation import validate_request
 
 
@@ -26,28 +28,69 @@ def _sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _stream(st: AppState, kind: Kind, body: dict[str, Any]) -> Any:
+def _webhook_id(body: dict[str, Any]) -> str | None:
+    md = body.get("metadata")
+    hook = md.get("webhook_id") if isinstance(md, dict) else None
+    return hook if isinstance(hook, str) else None
+
+
+async def _stream(st: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]) -> Any:
+    started = utcnow()
+    keep = _webhook_id(body) is not None  # then the folded answer is kept and announced
     chunks = st.router.stream_realtime(kind, body)
     try:
         first = await anext(chunks)  # errors before the first chunk get a proper status
     except StopAsyncIteration:
         first = None
+    except BackendError as exc:
+        if keep:
+            await _record(st, tenant_id, kind, body, started, None, exc.message)
+        raise
 
     async def events() -> AsyncIterator[bytes]:
+        seen: list[dict[str, Any]] = [first] if first is not None else []
+        error: str | None = None
         try:
             if first is not None:
                 yield _sse(first)
             async for chunk in chunks:
+                if keep:
+                    seen.append(chunk)
                 yield _sse(chunk)
         except BackendError as exc:
+            error = exc.message
             yield _sse({"error": {"message": exc.message, "type": exc.error_type}})
         finally:
             await chunks.aclose()
         yield b"data: [DONE]\n\n"
+        if keep:
+            folded = None if error else fold_chunks(seen, chat=kind is Kind.CHAT)
+            await _record(st, tenant_id, kind, body, started, folded, error)
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+async def _record(
+    st: AppState,
+    tenant_id: str,
+    kind: Kind,
+    body: dict[str, Any],
+    started: datetime,
+    response: dict[str, Any] | None,
+    error: str | None,
+) -> None:
+    await st.store.record_realtime(
+        tenant_id,
+        new_generation(kind, body),
+        state=State.FAILED if error is not None else State.SUCCESS,
+        message=error if error is not None else StateMessage.COMPLETED,
+        response=response,
+        dispatched_at=started,
+        expiry_seconds=st.settings.expiry_seconds,
+    )
+    st.wake_dispatcher()
 
 
 async def _run_and_notify(
@@ -55,35 +98,15 @@ async def _run_and_notify(
 ) -> dict[str, Any]:
     """Run now; when ``metadata.webhook_id`` is set, keep the generation and fire
     ``generation.completed`` for it, success or failure (SPEC section 5)."""
-    md = body.get("metadata")
-    hook = md.get("webhook_id") if isinstance(md, dict) else None
-    if not isinstance(hook, str):
+    if _webhook_id(body) is None:
         return await st.router.run_realtime(kind, body)
     started = utcnow()
     try:
         resp = await st.router.run_realtime(kind, body)
     except BackendError as exc:
-        await st.store.record_realtime(
-            tenant_id,
-            new_generation(kind, body),
-            state=State.FAILED,
-            message=exc.message,
-            response=None,
-            dispatched_at=started,
-            expiry_seconds=st.settings.expiry_seconds,
-        )
-        st.wake_dispatcher()
+        await _record(st, tenant_id, kind, body, started, None, exc.message)
         raise
-    await st.store.record_realtime(
-        tenant_id,
-        new_generation(kind, body),
-        state=State.SUCCESS,
-        message=StateMessage.COMPLETED,
-        response=resp,
-        dispatched_at=started,
-        expiry_seconds=st.settings.expiry_seconds,
-    )
-    st.wake_dispatcher()
+    await _record(st, tenant_id, kind, body, started, resp, None)
     return resp
 
 
@@ -96,7 +119,7 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, st: AppState) -
     status = "ok"
     try:
         if body.get("stream") is True:
-            return await _stream(st, kind, body)
+            return await _stream(st, tenant_id, kind, body)
         key, replayed = await idempotency.begin(st, tenant_id, request, raw)
         if replayed is not None:
             return replayed
