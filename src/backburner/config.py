@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     # scheduler
     run_worker: bool = True
     max_attempts: int = Field(default=3, ge=1, le=100)
+    # a generation whose worker dies on this many tries (e.g. it crashes the engine) fails
+    max_lost_leases: int = Field(default=10, ge=1, le=1000)
     expiry_seconds: float = Field(default=72 * 3600, gt=0)
     lease_seconds: float = Field(default=30.0, gt=0)
     poll_interval_seconds: float = Field(default=0.2, gt=0)

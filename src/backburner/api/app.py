@@ -48,6 +48,7 @@ def _report_crash(task: asyncio.Task[None]) -> None:
 def worker_options(settings: Settings) -> WorkerOptions:
     return WorkerOptions(
         max_attempts=settings.max_attempts,
+        max_lost_leases=settings.max_lost_leases,
         lease_seconds=settings.lease_seconds,
         poll_interval=settings.poll_interval_seconds,
         maintenance_interval=settings.maintenance_interval_seconds,

@@ -36,6 +36,7 @@ log = logging.getLogger("backburner.worker")
 @dataclass
 class WorkerOptions:
     max_attempts: int = 3
+    max_lost_leases: int = 10
     lease_seconds: float = 30.0
     poll_interval: float = 0.2
     maintenance_interval: float = 5.0
@@ -94,7 +95,9 @@ class Worker:
         ]
         try:
             if burst:
-                await self.store.recover_lost()
+                await self.store.recover_lost(
+                    give_up_after=max(self.opts.max_lost_leases, self.opts.max_attempts)
+                )
                 await asyncio.gather(*loops)
             else:
                 await self._stopping.wait()
@@ -263,7 +266,9 @@ class Worker:
                     log.exception("heartbeat failed")
 
     async def maintain_once(self) -> tuple[int, int]:
-        recovered = await self.store.recover_lost()
+        recovered = await self.store.recover_lost(
+            give_up_after=max(self.opts.max_lost_leases, self.opts.max_attempts)
+        )
         expired, completed = await self.store.expire_overdue()
         if completed and self.on_groups_completed is not None:
             await self.on_groups_completed(completed)

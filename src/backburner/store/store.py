@@ -462,8 +462,9 @@ class Store(GroupsMixin, BatchesMixin, FilesMixin, WebhooksMixin, KeysMixin, Sto
             )
         return int(res.rowcount)
 
-    async def recover_lost(self, batch: int = 500) -> int:
-        """In Progress generations whose lease ran out go back to Queued."""
+    async def recover_lost(self, batch: int = 500, give_up_after: int = 10) -> int:
+        """In Progress generations whose lease ran out go back to Queued; one that has been
+        tried ``give_up_after`` times (it may be what kills its workers) fails instead."""
         now = utcnow()
         pick = (
             sa.select(G.c.id)
@@ -471,19 +472,38 @@ class Store(GroupsMixin, BatchesMixin, FilesMixin, WebhooksMixin, KeysMixin, Sto
             .limit(batch)
             .with_for_update(skip_locked=True)
         )
+        cleared = {"lease_owner": None, "lease_expires_at": None}
         async with self._writer.begin() as conn:
+            ids = [r[0] for r in (await conn.execute(pick)).all()]
+            if not ids:
+                return 0
+            doomed = (
+                await conn.execute(
+                    G.update()
+                    .where(G.c.id.in_(ids), G.c.attempts >= give_up_after)
+                    .values(
+                        state=State.FAILED.value,
+                        state_message=f"Failed: its worker was lost on each of {give_up_after}"
+                        " or more attempts",
+                        finished_at=now,
+                        **cleared,
+                    )
+                    .returning(*TERMINAL_COLS)
+                )
+            ).all()
+            if doomed:
+                await self._after_terminal(conn, doomed, now)
             res = await conn.execute(
                 G.update()
-                .where(G.c.id.in_(pick.scalar_subquery()))
+                .where(G.c.id.in_(ids), G.c.state == State.IN_PROGRESS.value)
                 .values(
                     state=State.QUEUED.value,
                     state_message=StateMessage.QUEUED,
-                    lease_owner=None,
-                    lease_expires_at=None,
                     available_at=now,
+                    **cleared,
                 )
             )
-        return int(res.rowcount)
+        return int(res.rowcount) + len(doomed)
 
     async def expire_overdue(self, batch: int = 500) -> tuple[int, list[str]]:
         """Queued work past its expiry becomes Failed "Expired"; so do its groups."""
