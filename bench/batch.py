@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import resource
@@ -46,8 +45,7 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import procs  # noqa: E402
+from tests.support import pgdb, procs  # noqa: E402
 
 MODEL = procs.UPSTREAM_MODEL
 LINE_BYTES = 150  # newline included
@@ -340,34 +338,7 @@ async def bench_one(
     )
 
 
-@contextlib.asynccontextmanager
-async def fresh_postgres(base_url: str) -> AsyncIterator[str]:
-    """CREATE a fresh database on the server of ``base_url``; DROP it afterwards."""
-    import asyncpg
-    import sqlalchemy as sa
-
-    url = sa.make_url(base_url)
-    name = f"bb_bench_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(
-            host=url.host or "127.0.0.1",
-            port=url.port or 5432,
-            user=url.username or "postgres",
-            password=url.password,
-            database=url.database or "postgres",
-            timeout=10,
-        )
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    await admin(f'CREATE DATABASE "{name}"')
-    try:
-        yield url.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
-    finally:
-        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+fresh_postgres = pgdb.fresh_database
 
 
 def render(rows: list[Row], args: argparse.Namespace) -> Table:

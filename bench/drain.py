@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -38,8 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -53,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import procs  # noqa: E402
+from tests.support import pgdb, procs  # noqa: E402
 
 MODEL = procs.UPSTREAM_MODEL
 REQUIRED_RATIO = 0.5
@@ -179,34 +177,7 @@ async def drain_window(base: str, ids: list[str], concurrency: int) -> tuple[flo
     return (last - first).total_seconds(), max(int(g["attempts"]) for g in gens)
 
 
-@contextlib.asynccontextmanager
-async def fresh_postgres(base_url: str) -> AsyncIterator[str]:
-    """CREATE a fresh database on the server of ``base_url``; DROP it afterwards."""
-    import asyncpg
-    import sqlalchemy as sa
-
-    url = sa.make_url(base_url)
-    name = f"bb_bench_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(
-            host=url.host or "127.0.0.1",
-            port=url.port or 5432,
-            user=url.username or "postgres",
-            password=url.password,
-            database=url.database or "postgres",
-            timeout=10,
-        )
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    await admin(f'CREATE DATABASE "{name}"')
-    try:
-        yield url.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
-    finally:
-        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+fresh_postgres = pgdb.fresh_database
 
 
 def start_profiler(srv: procs.Proc, out: Path) -> subprocess.Popen[bytes]:

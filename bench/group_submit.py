@@ -31,14 +31,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import procs  # noqa: E402
+from tests.support import pgdb, procs  # noqa: E402
 
 MODEL = procs.UPSTREAM_MODEL
 ROUTE = "/v1/slow/group/chat/completions"
@@ -127,34 +124,7 @@ async def run_clients(
     return latencies, wall
 
 
-@contextlib.asynccontextmanager
-async def fresh_postgres(base_url: str) -> AsyncIterator[str]:
-    """CREATE a fresh database on the server of ``base_url``; DROP it afterwards."""
-    import asyncpg
-    import sqlalchemy as sa
-
-    url = sa.make_url(base_url)
-    name = f"bb_bench_{uuid.uuid4().hex[:10]}"
-
-    async def admin(sql: str) -> None:
-        conn = await asyncpg.connect(
-            host=url.host or "127.0.0.1",
-            port=url.port or 5432,
-            user=url.username or "postgres",
-            password=url.password,
-            database=url.database or "postgres",
-            timeout=10,
-        )
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    await admin(f'CREATE DATABASE "{name}"')
-    try:
-        yield url.set(drivername="postgresql", database=name).render_as_string(hide_password=False)
-    finally:
-        await admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+fresh_postgres = pgdb.fresh_database
 
 
 async def bench_store(

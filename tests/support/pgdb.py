@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import AsyncIterator
 
 import sqlalchemy as sa
 
@@ -37,3 +39,13 @@ async def drop_database(url: str) -> None:
     u = sa.make_url(url)
     admin = u.set(database="postgres").render_as_string(hide_password=False)
     await _admin(admin, f'DROP DATABASE IF EXISTS "{u.database}" WITH (FORCE)')
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(base_url: str, prefix: str = "bb_bench") -> AsyncIterator[str]:
+    """A new database for the duration of the block, dropped afterwards."""
+    url = await create_database(base_url, prefix)
+    try:
+        yield url
+    finally:
+        await drop_database(url)
