@@ -9,7 +9,7 @@ A file with any bad line makes the batch ``failed`` with line-numbered errors be
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,12 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backburner.core.clock import utcnow
 from backburner.core.ids import new_id
-from backburner.core.states import Kind, State, StateMessage
+from backburner.core.states import State, StateMessage
 from backburner.errors import Conflict, NotFound
-from backburner.schemas.batch import WINDOWS, BatchCreate, BatchLine, BatchRecord
+from backburner.schemas.batch import WINDOWS, BatchCreate, BatchRecord
 from backburner.store import codec
 from backburner.store.base import StoreBase
-from backburner.store.tables import batches, files, generations, webhooks
+from backburner.store.tables import batches, generations, webhooks
 from backburner.webhooks import events as ev
 
 B = batches
@@ -267,180 +267,7 @@ class BatchesMixin(StoreBase):
         async for chunk in self.stream_batch_results(record.batch_id, kind):
             yield chunk
 
-    # ------------------------------------------------------------------ worker side
-    async def claim_batch_work(self, worker_id: str, lease_seconds: float) -> BatchRecord | None:
-        """A batch that needs a worker: to validate and load, or to finalize."""
-        now = utcnow()
-        pick = (
-            sa.select(B.c.id)
-            .where(
-                sa.or_(
-                    B.c.status.in_(("validating", "finalizing")),
-                    sa.and_(B.c.status.in_(ACTIVE), B.c.loaded < B.c.total),
-                    sa.and_(B.c.status == "cancelling", B.c.pending <= 0, B.c.loaded >= B.c.total),
-                ),
-                sa.or_(B.c.lease_expires_at.is_(None), B.c.lease_expires_at < now),
-            )
-            .order_by(B.c.created_at)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        )
-        async with self._writer.begin() as conn:
-            row = (
-                await conn.execute(
-                    B.update()
-                    .where(B.c.id == pick.scalar_subquery())
-                    .values(
-                        lease_owner=worker_id,
-                        lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    )
-                    .returning(B)
-                )
-            ).first()
-        return None if row is None else _batch(row)
-
-    async def renew_batch_lease(self, worker_id: str, batch_id: str, lease_seconds: float) -> bool:
-        async with self._writer.begin() as conn:
-            res = await conn.execute(
-                B.update()
-                .where(B.c.id == batch_id, B.c.lease_owner == worker_id)
-                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-            )
-        return bool(res.rowcount)
-
-    async def release_batch(self, worker_id: str, batch_id: str) -> None:
-        async with self._writer.begin() as conn:
-            await conn.execute(
-                B.update()
-                .where(B.c.id == batch_id, B.c.lease_owner == worker_id)
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-
-    async def fail_batch(
-        self, worker_id: str, batch_id: str, errors: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """Validation failed: nothing runs; the errors name their lines."""
-        now = utcnow()
-        async with self._writer.begin() as conn:
-            res = await conn.execute(
-                B.update()
-                .where(
-                    B.c.id == batch_id,
-                    B.c.lease_owner == worker_id,
-                    B.c.status.in_(("validating", "cancelling")),
-                )
-                .values(
-                    status="failed",
-                    failed_at=now,
-                    errors=codec.dumps(list(errors)),
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-            )
-            if res.rowcount:
-                await self._batch_event(conn, batch_id, now)
-
-    async def start_batch(self, worker_id: str, batch_id: str, total: int) -> bool:
-        """Validation passed: the batch is in progress with ``total`` requests to load.
-        False when it was cancelled meanwhile (it is then marked cancelled)."""
-        now = utcnow()
-        async with self._writer.begin() as conn:
-            row = (await conn.execute(sa.select(B).where(B.c.id == batch_id))).one()
-            b = _batch(row)
-            if b.status == "cancelling":
-                await conn.execute(
-                    B.update()
-                    .where(B.c.id == batch_id)
-                    .values(
-                        status="cancelled",
-                        cancelled_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                    )
-                )
-                await self._batch_event(conn, batch_id, now)
-                return False
-            first = await self._fair_keys(conn, b.tenant, total)
-            res = await conn.execute(
-                B.update()
-                .where(B.c.id == batch_id, B.c.lease_owner == worker_id, B.c.status == "validating")
-                .values(
-                    status="in_progress",
-                    in_progress_at=now,
-                    total=total,
-                    pending=total,
-                    loaded=0,
-                    fair_start=first,
-                )
-            )
-        return bool(res.rowcount)
-
-    async def load_batch_chunk(
-        self,
-        worker_id: str,
-        batch: BatchRecord,
-        first_index: int,
-        lines: Sequence[BatchLine],
-        kind: Kind,
-    ) -> bool:
-        """Insert lines ``first_index..`` as generations; the check on ``loaded`` makes a
-        resumed load never insert a line twice. In a batch being cancelled the lines go in as
-        Failed "Cancelled" (so they appear in the error file and a retry runs them).
-        False when this worker may not load (lease lost, or the batch moved on)."""
-        now = utcnow()
-        assert batch.fair_start is not None
-        async with self._writer.begin() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(B.c.status, B.c.loaded)
-                    .where(B.c.id == batch.id, B.c.lease_owner == worker_id)
-                    .with_for_update()
-                )
-            ).first()
-            if row is None or row[1] != first_index or row[0] not in ACTIVE:
-                return False
-            cancelled = row[0] == "cancelling"
-            state = State.FAILED.value if cancelled else State.QUEUED.value
-            message = StateMessage.CANCELLED if cancelled else StateMessage.QUEUED
-            rows = [
-                {
-                    "id": new_id(),
-                    "tenant": batch.tenant,
-                    "kind": kind.value,
-                    "model": str(line.body["model"]),
-                    "request": codec.dumps(line.body),
-                    "response": None,
-                    "state": state,
-                    "state_message": message,
-                    "attempts": 0,
-                    "fair_key": batch.fair_start + first_index + i,
-                    "available_at": now,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "created_at": now,
-                    "dispatched_at": None,
-                    "finished_at": now if cancelled else None,
-                    "expires_at": batch.expires_at,
-                    "group_id": None,
-                    "group_index": first_index + i,
-                    "batch_id": batch.id,
-                    "custom_id": line.custom_id,
-                    "webhook_id": None,
-                }
-                for i, line in enumerate(lines)
-            ]
-            await conn.execute(
-                B.update()
-                .where(B.c.id == batch.id)
-                .values(
-                    loaded=first_index + len(lines), lease_expires_at=now + timedelta(seconds=120)
-                )
-            )
-            await conn.execute(G.insert(), rows)
-            if cancelled:
-                await self._batches_finished(conn, {batch.id: (0, len(rows))}, now)
-        return True
-
+    # ------------------------------------------------------------------ accounting
     async def _batches_finished(
         self, conn: AsyncConnection, per_batch: Mapping[str, tuple[int, int]], now: datetime
     ) -> None:
@@ -471,49 +298,6 @@ class BatchesMixin(StoreBase):
                         finalizing_at=now,
                     )
                 )
-
-    async def finalize_batch(
-        self,
-        worker_id: str,
-        batch: BatchRecord,
-        output: dict[str, Any] | None,
-        error: dict[str, Any] | None,
-    ) -> None:
-        """Record the written output/error files and the batch's final status, and queue
-        ``batch.completed``, in one transaction."""
-        now = utcnow()
-        status = (
-            "cancelled"
-            if batch.cancelling_at is not None
-            else ("expired" if now >= batch.expires_at else "completed")
-        )
-        stamp = {"cancelled": "cancelled_at", "expired": "expired_at", "completed": "completed_at"}[
-            status
-        ]
-        async with self._writer.begin() as conn:
-            for f in (output, error):
-                if f is not None:
-                    await conn.execute(files.insert().values(**f))
-            res = await conn.execute(
-                B.update()
-                .where(
-                    B.c.id == batch.id,
-                    B.c.lease_owner == worker_id,
-                    B.c.status.in_(("finalizing", "cancelling")),
-                    B.c.pending <= 0,
-                )
-                .values(
-                    status=status,
-                    output_file_id=output["id"] if output else None,
-                    error_file_id=error["id"] if error else None,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    **{stamp: now},
-                )
-            )
-            if res.rowcount != 1:
-                raise Conflict(f"batch {batch.id} is no longer finalizing under this worker")
-            await self._batch_event(conn, batch.id, now)
 
     async def _batch_event(self, conn: AsyncConnection, batch_id: str, now: datetime) -> None:
         """``batch.completed`` to the batch's webhook_url and to the tenant's subscribed hooks."""
