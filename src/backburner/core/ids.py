@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 ID_LENGTH = 21
@@ -21,3 +23,9 @@ def new_id() -> str:
 def new_api_key() -> str:
     """A new API key; only its hash is ever stored."""
     return "bb-" + secrets.token_urlsafe(32)
+
+
+def lease_owner_id(role: str) -> str:
+    """Who holds a lease: host, process and a random suffix, e.g. ``box:4242:worker:Ab3dE6``."""
+    # the lease_owner columns hold 64 characters
+    return f"{socket.gethostname()[:32]}:{os.getpid()}:{role[:12]}:{new_id()[:6]}"

@@ -16,14 +16,12 @@ import hashlib
 import itertools
 import json
 import logging
-import os
-import socket
 from array import array
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from backburner.core.clock import utcnow
-from backburner.core.ids import new_id
+from backburner.core.ids import lease_owner_id, new_id
 from backburner.errors import BackburnerError
 from backburner.schemas.batch import (
     MAX_REPORTED_ERRORS,
@@ -90,7 +88,7 @@ class BatchRunner:
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.chunk_lines = chunk_lines
-        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:batches:{new_id()[:6]}"
+        self.id = worker_id or lease_owner_id("batches")
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,7 +19,7 @@ from datetime import timedelta
 
 from backburner.backends.router import ModelRouter
 from backburner.core.clock import utcnow
-from backburner.core.ids import new_id
+from backburner.core.ids import lease_owner_id
 from backburner.core.outcome import Outcome
 from backburner.core.retry import Backoff, should_retry
 from backburner.core.states import State, StateMessage
@@ -62,7 +60,7 @@ class Worker:
         self.router = router
         self.opts = options or WorkerOptions()
         self.metrics = metrics or Metrics()
-        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{new_id()[:8]}"
+        self.id = worker_id or lease_owner_id("worker")
         self.on_groups_completed = on_groups_completed
         self.after_write = after_write  # e.g. wake the webhook dispatcher
         self._inflight: dict[str, asyncio.Task[None]] = {}

@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
 from backburner.core.clock import utcnow
-from backburner.core.ids import new_id
+from backburner.core.ids import lease_owner_id
 from backburner.metrics import Metrics
 from backburner.schemas.webhook import DueEvent
 from backburner.store import Store
@@ -46,7 +44,7 @@ class Dispatcher:
         self.deliverer = deliverer
         self.opts = options or DispatcherOptions()
         self.metrics = metrics or Metrics()
-        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:hooks:{new_id()[:6]}"
+        self.id = worker_id or lease_owner_id("hooks")
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._sem = asyncio.Semaphore(self.opts.concurrency)
