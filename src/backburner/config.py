@@ -35,6 +35,20 @@ class BackendSettings(BaseModel):
     models: list[str] | dict[str, str] = Field(default_factory=list)
     max_concurrency: int = Field(default=16, ge=1, le=4096)
     timeout_seconds: float = Field(default=600.0, gt=0)
+    # Background admission (docs/scheduling.md): which load signals to read, and where.
+    engine: Literal["vllm", "sglang", "llamacpp", "generic"] = "generic"
+    metrics_url: str | None = None  # default: base_url without /v1, plus /metrics (/slots)
+    probe_interval_seconds: float = Field(default=0.25, gt=0, le=60)
+    probe_stale_seconds: float = Field(default=1.0, gt=0, le=600)
+    idle_kv_threshold: float = Field(default=0.7, gt=0, le=1)
+    realtime_quiet_seconds: float = Field(default=2.0, ge=0, le=3600)
+    realtime_slowdown: float = Field(default=1.2, ge=1.0, le=100)
+    background_shared_window: int = Field(default=0, ge=0, le=4096)
+    # None: preempt (abort and requeue) on self-hosted engines, never on a generic API
+    preempt: bool | None = None
+    # sent as the body's "priority" with background work (vLLM: lower runs first, e.g. 10 with
+    # --scheduling-policy priority; SGLang: higher runs first, e.g. -10)
+    background_priority: int | None = None
     # llamacpp only
     model_path: str | None = None
     n_ctx: int = Field(default=2048, ge=128)

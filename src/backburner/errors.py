@@ -7,9 +7,11 @@
     ├── Conflict                409  idempotency key reused with another body, finished generation
     ├── PayloadTooLarge         413
     ├── ServiceUnavailable      503
-    └── BackendError            an inference engine failed
-        ├── BackendRetryable    5xx, timeout, connection: try again later
-        └── BackendRejected     4xx: the request itself is bad, never retried
+    ├── BackendError            an inference engine failed
+    │   ├── BackendRetryable    5xx, timeout, connection: try again later
+    │   └── BackendRejected     4xx: the request itself is bad, never retried
+    └── Preempted               background work stopped to make room for realtime: requeue it,
+                                the try is not counted
 
 Each class's docstring is its default message; ``retryable`` is a class attribute, never parsed
 from a string.
@@ -109,3 +111,14 @@ class BackendRejected(BackendError):
 
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class Preempted(BackburnerError):
+    """Background work was preempted to make room for realtime requests."""
+
+    status_code = 503
+    retryable = True
+
+    def __init__(self, message: str | None = None, *, seconds_lost: float = 0.0) -> None:
+        super().__init__(message)
+        self.seconds_lost = seconds_lost

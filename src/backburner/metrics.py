@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from backburner.backends.admission import Held
+from backburner.backends.lane import Lane
 
 
 class Metrics:
@@ -30,6 +36,11 @@ class Metrics:
         self.groups_completed = Counter(
             "backburner_groups_completed", "Groups whose last generation finished", registry=r
         )
+        self.preempted = Counter(
+            "backburner_generations_preempted",
+            "Background generations preempted for realtime traffic and queued again",
+            registry=r,
+        )
         self.inflight = Gauge(
             "backburner_slow_inflight", "Slow generations running in this process", registry=r
         )
@@ -51,3 +62,75 @@ class Metrics:
         self.realtime = Counter(
             "backburner_realtime_requests", "Realtime requests", ["kind", "status"], registry=r
         )
+
+
+class LaneCollector:
+    """The scheduler's state per backend, read from the lanes when /metrics is scraped."""
+
+    def __init__(self, lanes: Mapping[str, Lane]) -> None:
+        self._lanes = lanes
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["backend", *labels])
+
+        window = gauge("backburner_background_window", "Background requests the lane admits")
+        bg = gauge("backburner_background_inflight", "Background requests in flight")
+        rt = gauge("backburner_realtime_inflight", "Realtime requests in flight")
+        held = gauge(
+            "backburner_background_held",
+            "1 for the reason background work is held back now (none: it may start)",
+            "reason",
+        )
+        regime = gauge("backburner_lane_shared", "1 while realtime traffic shares the engine")
+        waiting = gauge("backburner_engine_waiting", "Requests queued in the engine (probe)")
+        running = gauge("backburner_engine_running", "Requests running in the engine (probe)")
+        kv = gauge("backburner_engine_kv_usage", "Engine KV cache use, 0 to 1 (probe)")
+        age = gauge("backburner_probe_age_seconds", "Age of the last good probe")
+        ok = gauge("backburner_probe_ok", "1 when the last probe succeeded")
+        base = gauge(
+            "backburner_realtime_baseline_seconds",
+            "Realtime latency with no background beside it (ttft, or tpot per token)",
+            "metric",
+        )
+        preempted = CounterMetricFamily(
+            "backburner_lane_preempted", "Background requests preempted", labels=["backend"]
+        )
+        lost = CounterMetricFamily(
+            "backburner_lane_preempted_seconds",
+            "Engine seconds of background work thrown away by preemption",
+            labels=["backend"],
+        )
+        probe_fail = CounterMetricFamily(
+            "backburner_probe_failures", "Probe cycles that failed", labels=["backend"]
+        )
+        for name, lane in self._lanes.items():
+            snap = lane.snapshot()
+            window.add_metric([name], snap.window)
+            bg.add_metric([name], snap.background_inflight)
+            rt.add_metric([name], snap.realtime_inflight)
+            for reason in Held:
+                held.add_metric([name, reason.value], 1.0 if snap.held is reason else 0.0)
+            regime.add_metric([name], 1.0 if snap.regime == "shared" else 0.0)
+            load = snap.load
+            if load is not None:
+                if load.waiting is not None:
+                    waiting.add_metric([name], load.waiting)
+                if load.running is not None:
+                    running.add_metric([name], load.running)
+                if load.kv_usage is not None:
+                    kv.add_metric([name], load.kv_usage)
+            if snap.probe_age is not None:
+                age.add_metric([name], snap.probe_age)
+            ok.add_metric([name], 0.0 if snap.probe_error else 1.0)
+            for metric, value in (("ttft", snap.baseline_ttft), ("tpot", snap.baseline_tpot)):
+                if value is not None:
+                    base.add_metric([name, metric], value)
+            preempted.add_metric([name], lane.counters.preempted)
+            lost.add_metric([name], lane.counters.seconds_lost)
+            probe_fail.add_metric([name], lane.counters.probe_failures)
+        yield from (window, bg, rt, held, regime, waiting, running, kv, age, ok, base)
+        yield from (preempted, lost, probe_fail)

@@ -290,12 +290,20 @@ async def test_health_ready_metrics(harness: Any) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ok"
     r = await harness.client.get("/readyz")
     assert r.status_code == 200
-    assert r.json() == {"status": "ready", "checks": {"store": "ok", "backend:fake": "ok"}}
+    ready = r.json()
+    assert ready["status"] == "ready"
+    assert ready["checks"] == {"store": "ok", "backend:fake": "ok"}
+    lane = ready["scheduler"]["fake"]
+    assert lane["probe"] == "own in-flight count" and lane["probe_error"] is None
+    assert lane["held"] in ("none", "window_full") and lane["regime"] == "quiet"
     gid = (await harness.client.post("/v1/slow/chat/completions", json=CHAT)).json()["id"]
     await harness.wait_terminal(gid)
     text = (await harness.client.get("/metrics")).text
     assert 'backburner_generations_submitted_total{kind="chat"} 1.0' in text
     assert "backburner_generations_finished" in text
+    assert 'backburner_background_held{backend="fake",reason="engine_queue"} 0.0' in text
+    assert 'backburner_probe_ok{backend="fake"} 1.0' in text
+    assert 'backburner_background_window{backend="fake"}' in text
 
 
 async def test_models_lists_public_names(aliased: Any) -> None:

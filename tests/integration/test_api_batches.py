@@ -20,7 +20,9 @@ from tests.support.receiver import running_receiver
 class MarkerBackend(FakeBackend):
     """Rejects (4xx) any request whose user message is REJECT; otherwise echoes."""
 
-    async def run(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+    async def run(
+        self, kind: Kind, body: dict[str, Any], *, background: bool = False
+    ) -> dict[str, Any]:
         if any(m.get("content") == "REJECT" for m in body.get("messages", [])):
             self.calls.append((kind, body))
             raise BackendRejected("upstream HTTP 400: bad request", upstream_status=400)

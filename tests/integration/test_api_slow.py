@@ -223,7 +223,9 @@ class BlockingBackend(FakeBackend):
         self.go = asyncio.Event()
         self.entered = asyncio.Event()
 
-    async def run(self, kind: Any, body: dict[str, Any]) -> dict[str, Any]:
+    async def run(
+        self, kind: Any, body: dict[str, Any], *, background: bool = False
+    ) -> dict[str, Any]:
         self.entered.set()
         await self.go.wait()
         return await super().run(kind, body)

@@ -248,7 +248,7 @@ async def test_router_sends_engine_model_answers_public(make: Any) -> None:
     router = ModelRouter([s], {"up": backend})
     assert router.models == ["public"]
     body = {"model": "public", "metadata": {"webhook_id": "w"}, "messages": [], "top_k": 5}
-    resp = await router.run(Kind.CHAT, body)
+    resp = await router.run_background(Kind.CHAT, body)
     assert resp["model"] == "public"
     sent = json.loads(rec.requests[0].content)
     assert sent == {"model": "engine", "messages": [], "top_k": 5}
@@ -256,7 +256,7 @@ async def test_router_sends_engine_model_answers_public(make: Any) -> None:
     resp = await router.run_realtime(Kind.CHAT, body)
     assert resp["model"] == "public"
     with pytest.raises(InvalidRequest) as exc:
-        await router.run(Kind.CHAT, {"model": "engine", "messages": []})
+        await router.run_background(Kind.CHAT, {"model": "engine", "messages": []})
     assert exc.value.param == "model" and "public" in exc.value.message
 
 
@@ -267,7 +267,7 @@ async def test_router_first_backend_listed_serves_a_model(make: Any) -> None:
     b1 = await make(first)
     b2 = await make(second)
     router = ModelRouter([s1, s2], {"one": b1, "two": b2})
-    await router.run(Kind.CHAT, CHAT_BODY)
-    await router.run(Kind.CHAT, {**CHAT_BODY, "model": "other"})
+    await router.run_background(Kind.CHAT, CHAT_BODY)
+    await router.run_background(Kind.CHAT, {**CHAT_BODY, "model": "other"})
     assert len(first.requests) == 1 and len(second.requests) == 1
     assert router.models_by_backend == {"one": ["m"], "two": ["other"]}

@@ -83,7 +83,7 @@ class FakeBackend:
     async def check(self) -> None:
         return None
 
-    async def run(self, kind: Kind, body: JSON) -> JSON:
+    async def run(self, kind: Kind, body: JSON, *, background: bool = False) -> JSON:
         self.calls.append((kind, body))
         self.concurrent += 1
         self.max_concurrent = max(self.max_concurrent, self.concurrent)

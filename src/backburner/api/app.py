@@ -27,7 +27,7 @@ from backburner.backends.registry import build_backend
 from backburner.backends.router import ModelRouter
 from backburner.config import Settings
 from backburner.core.retry import Backoff
-from backburner.metrics import Metrics
+from backburner.metrics import LaneCollector, Metrics
 from backburner.scheduler import Worker, WorkerOptions
 from backburner.scheduler.batches import BatchRunner
 from backburner.store import Store
@@ -113,6 +113,7 @@ def create_app(
         router = build_router(settings, backends)
         await router.start()
         metrics = Metrics()
+        metrics.registry.register(LaneCollector(router.lanes))
         blobs = LocalBlobStore(Path(settings.files_dir))
         st = AppState(settings=settings, store=store, router=router, metrics=metrics, blobs=blobs)
         tasks: list[asyncio.Task[None]] = []

@@ -36,8 +36,31 @@ def ops_router() -> APIRouter:
             except Exception as exc:
                 ok = False
                 checks[f"backend:{name}"] = f"error: {getattr(exc, 'message', type(exc).__name__)}"
+        scheduler: dict[str, Any] = {}
+        for name, lane in st.router.lanes.items():
+            snap = lane.snapshot()
+            load = snap.load
+            scheduler[name] = {
+                "background_window": snap.window,
+                "background_inflight": snap.background_inflight,
+                "realtime_inflight": snap.realtime_inflight,
+                "held": snap.held.value,
+                "regime": snap.regime,
+                "probe": lane.probe.url if lane.probe is not None else "own in-flight count",
+                "probe_age_seconds": snap.probe_age,
+                "probe_error": snap.probe_error,
+                "engine": None
+                if load is None
+                else {
+                    "waiting": load.waiting,
+                    "running": load.running,
+                    "kv_usage": load.kv_usage,
+                    "idle_slots": load.idle_slots,
+                },
+                "preempted": lane.counters.preempted,
+            }
         return JSONResponse(
-            {"status": "ready" if ok else "not ready", "checks": checks},
+            {"status": "ready" if ok else "not ready", "checks": checks, "scheduler": scheduler},
             status_code=200 if ok else 503,
         )
 

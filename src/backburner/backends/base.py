@@ -23,8 +23,9 @@ class Backend(Protocol):
     async def check(self) -> None:
         """Raise if the engine cannot serve now (used by /readyz)."""
 
-    async def run(self, kind: Kind, body: JSON) -> JSON:
-        """One request, answered with the OpenAI response object."""
+    async def run(self, kind: Kind, body: JSON, *, background: bool = False) -> JSON:
+        """One request, answered with the OpenAI response object. ``background`` marks slow
+        work: an engine may run it at a lower priority or pause it for realtime requests."""
 
     def stream(self, kind: Kind, body: JSON) -> AsyncIterator[JSON]:
         """One request with ``stream: true``: yields the OpenAI chunk objects."""

@@ -50,15 +50,27 @@ def _max_tokens(body: JSON) -> int:
 
 
 class LlamaCppBackend:
-    """One llama.cpp model; calls run one at a time in a worker thread."""
+    """One llama.cpp model with two contexts: realtime and background.
+
+    Both contexts map the same model file (its weights are shared through the page cache); each
+    keeps its own KV cache. Realtime calls run one at a time on theirs; background calls run on
+    the other and **pause between tokens** while any realtime call is running, so a realtime
+    request waits at most for the token being computed. A paused generation keeps its KV cache
+    and resumes where it stopped: nothing is recomputed and the text is the same as unpaused.
+    """
 
     def __init__(self, settings: BackendSettings) -> None:
         self.name = settings.name
         self._settings = settings
         self._llm: Any = None
+        self._background: Any = None
         self._embedder: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the realtime context
+        self._background_lock = threading.Lock()
         self._load_lock = asyncio.Lock()
+        self._realtime = threading.Condition()
+        self._realtime_active = 0
+        self.pauses = 0  # times a background generation stopped between tokens for realtime
 
     def _path(self) -> Path:
         if self._settings.model_path:
@@ -84,8 +96,14 @@ class LlamaCppBackend:
             if self._llm is None:
                 self._llm = await asyncio.to_thread(self._load, False)
 
+    async def _background_ready(self) -> Any:
+        async with self._load_lock:
+            if self._background is None:
+                self._background = await asyncio.to_thread(self._load, False)
+        return self._background
+
     async def close(self) -> None:
-        for attr in ("_llm", "_embedder"):
+        for attr in ("_llm", "_background", "_embedder"):
             obj = getattr(self, attr)
             if obj is not None and hasattr(obj, "close"):
                 obj.close()
@@ -101,21 +119,50 @@ class LlamaCppBackend:
                 self._embedder = await asyncio.to_thread(self._load, True)
         return self._embedder
 
-    # -- blocking calls, run under the lock in a thread
-    def _call(self, kind: Kind, body: JSON, embedder: Any) -> JSON:
-        with self._lock:
+    # -- pausing background work for realtime
+    def _realtime_enter(self) -> None:
+        with self._realtime:
+            self._realtime_active += 1
+
+    def _realtime_exit(self) -> None:
+        with self._realtime:
+            self._realtime_active -= 1
+            if self._realtime_active == 0:
+                self._realtime.notify_all()
+
+    def _pause_point(self, _input_ids: Any, logits: Any) -> Any:
+        """Called by llama.cpp before each background token is sampled (a logits processor
+        that changes nothing): wait here while realtime calls run."""
+        with self._realtime:
+            if self._realtime_active:
+                self.pauses += 1
+            while self._realtime_active:
+                self._realtime.wait()
+        return logits
+
+    # -- blocking calls, run under a context's lock in a thread
+    def _call(self, kind: Kind, body: JSON, embedder: Any, background: Any) -> JSON:
+        lock = self._background_lock if background is not None else self._lock
+        with lock:
             try:
-                return self._call_unlocked(kind, body, embedder)
+                return self._call_unlocked(kind, body, embedder, background)
             except ValueError as exc:  # llama.cpp's way of saying "bad request"
                 raise BackendRejected(f"llama.cpp rejected the request: {exc}") from exc
 
-    def _call_unlocked(self, kind: Kind, body: JSON, embedder: Any) -> JSON:
+    def _call_unlocked(self, kind: Kind, body: JSON, embedder: Any, background: Any) -> JSON:
+        from llama_cpp import LogitsProcessorList
+
         model = body.get("model", "")
+        llm = background if background is not None else self._llm
+        hooks: dict[str, Any] = {}
+        if background is not None:
+            hooks["logits_processor"] = LogitsProcessorList([self._pause_point])
         if kind is Kind.CHAT:
-            out = self._llm.create_chat_completion(
+            out = llm.create_chat_completion(
                 messages=body["messages"],
                 max_tokens=_max_tokens(body),
                 **_params(body, _SAMPLING + _CHAT_EXTRA),
+                **hooks,
             )
         elif kind is Kind.COMPLETION:
             prompt = body["prompt"]
@@ -128,11 +175,12 @@ class LlamaCppBackend:
             usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
             out = {}
             for p in prompts:
-                one = self._llm.create_completion(
+                one = llm.create_completion(
                     prompt=p,
                     max_tokens=_max_tokens(body),
                     echo=bool(body.get("echo")),
                     **_params(body, _SAMPLING),
+                    **hooks,
                 )
                 for c in one["choices"]:
                     c["index"] = len(choices)
@@ -147,11 +195,18 @@ class LlamaCppBackend:
         out["model"] = model
         return out
 
-    async def run(self, kind: Kind, body: JSON) -> JSON:
+    async def run(self, kind: Kind, body: JSON, *, background: bool = False) -> JSON:
         if self._llm is None:
             await self.start()
         embedder = await self._embedder_ready() if kind is Kind.EMBEDDING else None
-        return await asyncio.to_thread(self._call, kind, body, embedder)
+        if background and kind is not Kind.EMBEDDING:
+            context = await self._background_ready()
+            return await asyncio.to_thread(self._call, kind, body, None, context)
+        self._realtime_enter()
+        try:
+            return await asyncio.to_thread(self._call, kind, body, embedder, None)
+        finally:
+            self._realtime_exit()
 
     def _stream_iter(self, kind: Kind, body: JSON) -> Iterator[JSON]:
         if kind is Kind.CHAT:
@@ -203,6 +258,7 @@ class LlamaCppBackend:
                     put(("error", exc))
 
         worker = threading.Thread(target=produce, name=f"llamacpp-stream-{time.monotonic()}")
+        self._realtime_enter()
         worker.start()
         try:
             while True:
@@ -218,3 +274,4 @@ class LlamaCppBackend:
         finally:
             stop.set()
             await asyncio.to_thread(worker.join, 30)
+            self._realtime_exit()

@@ -58,19 +58,18 @@ class OpenAIBackend:
         self._settings = settings
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._background: httpx.AsyncClient | None = None
 
-    async def start(self) -> None:
+    def _new_client(self) -> httpx.AsyncClient:
         s = self._settings
         headers = {}
         if s.api_key is not None:
             headers["Authorization"] = f"Bearer {s.api_key.get_secret_value()}"
-        base = (s.base_url or "").rstrip("/") + "/"
-        self._client = httpx.AsyncClient(
-            base_url=base,
+        return httpx.AsyncClient(
+            base_url=(s.base_url or "").rstrip("/") + "/",
             headers=headers,
             timeout=httpx.Timeout(s.timeout_seconds, connect=10.0),
             limits=httpx.Limits(
-                # realtime and slow calls share the gate, so max_concurrency bounds them both;
                 # a larger pool only costs time (httpcore scans it on every request)
                 max_connections=s.max_concurrency,
                 max_keepalive_connections=s.max_concurrency,
@@ -79,16 +78,29 @@ class OpenAIBackend:
             follow_redirects=False,
         )
 
+    async def start(self) -> None:
+        # Realtime and background have a connection pool each, so background work that fills
+        # its pool never makes a realtime request wait for a connection.
+        if self._client is None:
+            self._client = self._new_client()
+            self._background = self._new_client()
+
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             raise RuntimeError(f"backend '{self.name}' is not started")
         return self._client
 
+    def _pool(self, background: bool) -> httpx.AsyncClient:
+        if background and self._background is not None:
+            return self._background
+        return self.client
+
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in (self._client, self._background):
+            if client is not None:
+                await client.aclose()
+        self._client = self._background = None
 
     async def check(self) -> None:
         try:
@@ -98,9 +110,12 @@ class OpenAIBackend:
         if resp.status_code >= 500:
             raise BackendRetryable(f"backend '{self.name}' answered {resp.status_code}")
 
-    async def run(self, kind: Kind, body: JSON) -> JSON:
+    async def run(self, kind: Kind, body: JSON, *, background: bool = False) -> JSON:
+        priority = self._settings.background_priority
+        if background and priority is not None and kind is not Kind.EMBEDDING:
+            body = {**body, "priority": priority}
         try:
-            resp = await self.client.post(PATHS[kind], json=body)
+            resp = await self._pool(background).post(PATHS[kind], json=body)
         except httpx.TimeoutException as exc:
             raise BackendRetryable(f"upstream timeout: {type(exc).__name__}") from exc
         except httpx.TransportError as exc:

@@ -16,6 +16,8 @@ class Outcome:
     message: str
     response: dict[str, Any] | None = None
     retry_at: datetime | None = None
+    # False for work given back unfinished (preempted for realtime): the try is not counted
+    count_attempt: bool = True
 
 
 @dataclass(frozen=True, slots=True)

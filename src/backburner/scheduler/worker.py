@@ -1,9 +1,10 @@
 """The worker: one claim loop per backend, a heartbeat, a batching result writer, maintenance.
 
-Flow of one generation: a backend loop takes free slow slots from the backend's gate, claims that
-many generations (a leased compare-and-set in the store), runs each on the backend, and queues the
-outcome; the writer records outcomes in batches; the heartbeat extends leases of everything this
-worker holds until its outcome is written. A worker that dies stops heart-beating; maintenance in
+Flow of one generation: a backend loop takes the background slots its lane admits (the engine is
+idle enough; docs/scheduling.md), claims that many generations (a leased compare-and-set in the
+store), runs each on the backend, and queues the outcome; a generation preempted for realtime
+traffic is queued again without counting the try; the writer records outcomes in batches; the
+heartbeat extends leases of everything this worker holds until its outcome is written. A worker that dies stops heart-beating; maintenance in
 any worker returns its generations to Queued when their leases run out.
 """
 
@@ -23,7 +24,7 @@ from backburner.core.ids import lease_owner_id
 from backburner.core.outcome import Outcome
 from backburner.core.retry import Backoff, should_retry
 from backburner.core.states import State, StateMessage
-from backburner.errors import BackendError
+from backburner.errors import BackendError, Preempted
 from backburner.metrics import Metrics
 from backburner.schemas.generation import GenerationRecord
 from backburner.store import Store
@@ -135,23 +136,23 @@ class Worker:
         return all(self._idle.values()) and not self._inflight and self._results.empty()
 
     async def _backend_loop(self, name: str, burst: bool) -> None:
-        gate = self.router.gates[name]
+        lane = self.router.lanes[name]
         models = self.router.models_by_backend[name]
         self._idle[name] = False
         while not self._stopping.is_set():
-            if gate.free_for_slow() == 0:
-                await gate.wait_slow_capacity(self.opts.poll_interval)
+            if lane.free_for_background() == 0:
+                await lane.wait_background_capacity(self.opts.poll_interval)
                 continue
-            n = gate.take_slow(self.opts.claim_batch)
+            n = lane.take_background(self.opts.claim_batch)
             try:
                 claimed = await self.store.claim(self.id, models, n, self.opts.lease_seconds)
             except Exception:
-                gate.release(n)
+                lane.release_background(n)
                 log.exception("claim failed; retrying")
                 await asyncio.sleep(self.opts.poll_interval)
                 continue
             if len(claimed) < n:
-                gate.release(n - len(claimed))
+                lane.release_background(n - len(claimed))
             for g in claimed:
                 self._held.add(g.id)
                 task = asyncio.create_task(self._execute(name, g), name=f"bb-gen-{g.id}")
@@ -173,13 +174,13 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), self.opts.poll_interval)
 
     async def _execute(self, backend: str, g: GenerationRecord) -> None:
-        gate = self.router.gates[backend]
+        lane = self.router.lanes[backend]
         start = time.perf_counter()
         self.metrics.inflight.inc()
         try:
             outcome = await self._attempt(g)
         finally:
-            gate.release()
+            lane.release_background()
             self.metrics.inflight.dec()
             self.metrics.backend_seconds.labels(backend, "slow").observe(
                 time.perf_counter() - start
@@ -189,9 +190,12 @@ class Worker:
 
     async def _attempt(self, g: GenerationRecord) -> Outcome:
         try:
-            response = await self.router.run(g.kind, g.request)
+            response = await self.router.run_background(g.kind, g.request)
         except asyncio.CancelledError:
             raise
+        except Preempted as exc:
+            self.metrics.preempted.inc()
+            return Outcome(g.id, State.QUEUED, exc.message, count_attempt=False)
         except BackendError as exc:
             return self._failure(g, exc.message, exc.retryable)
         except Exception as exc:  # an engine bug: treat as transient, keep the message

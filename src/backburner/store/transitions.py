@@ -142,7 +142,12 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
                     continue
                 if o.state is State.QUEUED:
                     retry.append(
-                        {"b_id": o.generation_id, "b_msg": o.message, "b_at": o.retry_at or now}
+                        {
+                            "b_id": o.generation_id,
+                            "b_msg": o.message,
+                            "b_at": o.retry_at or now,
+                            "b_uncount": 0 if o.count_attempt else 1,
+                        }
                     )
                     continue
                 done.append(
@@ -176,6 +181,8 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
                         state=State.QUEUED.value,
                         state_message=sa.bindparam("b_msg"),
                         available_at=sa.bindparam("b_at", type_=G.c.available_at.type),
+                        # a claim counted this try; work given back unfinished uncounts it
+                        attempts=G.c.attempts - sa.bindparam("b_uncount", type_=sa.Integer),
                         **cleared,
                     ),
                     retry,
