@@ -4,8 +4,9 @@ Flow of one generation: a backend loop takes the background slots its lane admit
 idle enough; docs/scheduling.md), claims that many generations (a leased compare-and-set in the
 store), runs each on the backend, and queues the outcome; a generation preempted for realtime
 traffic is queued again without counting the try; the writer records outcomes in batches; the
-heartbeat extends leases of everything this worker holds until its outcome is written. A worker that dies stops heart-beating; maintenance in
-any worker returns its generations to Queued when their leases run out.
+heartbeat extends leases of everything this worker holds until its outcome is written. A worker
+that dies stops heart-beating; maintenance in any worker returns its generations to Queued when
+their leases run out.
 """
 
 from __future__ import annotations
