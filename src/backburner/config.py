@@ -37,6 +37,8 @@ class BackendSettings(BaseModel):
     timeout_seconds: float = Field(default=600.0, gt=0)
     # Background admission (docs/scheduling.md): which load signals to read, and where.
     engine: Literal["vllm", "sglang", "llamacpp", "generic"] = "generic"
+    # false: background runs up to max_concurrency whatever the engine's load (no admission)
+    background_gate: bool = True
     metrics_url: str | None = None  # default: base_url without /v1, plus /metrics (/slots)
     probe_interval_seconds: float = Field(default=0.25, gt=0, le=60)
     probe_stale_seconds: float = Field(default=1.0, gt=0, le=600)
@@ -69,6 +71,19 @@ class BackendSettings(BaseModel):
                     raise ValueError("models entries must be names or {public = engine} tables")
             return merged
         return v
+
+    @model_validator(mode="after")
+    def _engine_needs_a_server(self) -> BackendSettings:
+        if self.engine != "generic" and self.type == "llamacpp":
+            raise ValueError(
+                f"backend '{self.name}': engine = '{self.engine}' reads a server's load signals;"
+                " the embedded llamacpp engine pauses background work itself (leave engine out)"
+            )
+        if self.engine != "generic" and not (self.base_url or self.metrics_url):
+            raise ValueError(
+                f"backend '{self.name}': engine = '{self.engine}' needs base_url or metrics_url"
+            )
+        return self
 
     def model_map(self) -> dict[str, str]:
         """Public model name -> the name the engine knows it by."""

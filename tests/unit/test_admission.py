@@ -92,10 +92,13 @@ def test_failed_probe_counts_as_busy_and_shrinks_the_window(clock: Clock) -> Non
 
 
 def test_engine_queue_halves_once_per_cooldown_and_holds(clock: Clock) -> None:
-    c = controller(clock, decrease_cooldown=1.0)
+    c = controller(clock, decrease_cooldown=1.0, quiet_queue_probes=2)
     cycle(c, clock, n=4)
     assert c.window == 16
-    busy = EngineLoad(waiting=3, running=20, kv_usage=0.5)
+    busy = EngineLoad(waiting=12, running=20, kv_usage=0.5)
+    clock.advance(0.25)
+    c.observe_load(busy)
+    assert c.window == 16 and c.held() is Held.WINDOW_FULL  # one probe may catch a step edge
     clock.advance(0.25)
     c.observe_load(busy)
     assert c.window == 8
@@ -116,7 +119,8 @@ def test_kv_over_threshold_holds(clock: Clock) -> None:
 
 
 def test_llamacpp_server_without_idle_slots_holds(clock: Clock) -> None:
-    c = controller(clock)
+    c = controller(clock, quiet_queue_probes=2)
+    c.observe_load(EngineLoad(running=4, idle_slots=0))
     c.observe_load(EngineLoad(running=4, idle_slots=0))
     assert c.held() is Held.ENGINE_QUEUE
 
@@ -182,3 +186,25 @@ def test_no_latency_rule_without_a_baseline(clock: Clock) -> None:
     c.realtime_started()
     c.observe_realtime("ttft", 5.0, background_inflight=4)
     assert c.window == 2  # initial window, unchanged by a latency with nothing to compare to
+
+
+def test_ungated_is_a_static_cap(clock: Clock) -> None:
+    c = controller(clock, gated=False, max_window=8)
+    assert c.allowance() == 8  # no probe needed
+    c.background_started(8)
+    assert c.held() is Held.WINDOW_FULL
+    c.realtime_started()
+    c.observe_overload()
+    assert c.excess() == 0 and c.window == 8  # realtime and overload change nothing
+    c.background_finished(3)
+    assert c.allowance() == 3
+
+
+def test_a_short_queue_is_tolerated_only_while_realtime_is_quiet(clock: Clock) -> None:
+    c = controller(clock, quiet_queue_tolerance=4, queue_probes=2, quiet_queue_probes=2)
+    short = EngineLoad(waiting=3, running=20, kv_usage=0.2)
+    cycle(c, clock, short, n=3)
+    assert c.held() is not Held.ENGINE_QUEUE  # arrivals between two engine steps
+    c.realtime_started()
+    cycle(c, clock, short, n=2)
+    assert c.held() is Held.ENGINE_QUEUE  # realtime present: any queue counts

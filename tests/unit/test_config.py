@@ -222,3 +222,38 @@ def test_missing_file_named_by_environment(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("BACKBURNER_CONFIG", str(tmp_path / "typo.toml"))
     with pytest.raises(FileNotFoundError, match=r"typo\.toml"):
         load_settings()
+
+
+ENGINE_BACKEND = """
+[[backends]]
+name = "gpu-pool"
+type = "openai"
+base_url = "http://10.0.0.5:8000/v1"
+models = ["llama"]
+engine = "vllm"
+background_priority = 10
+"""
+
+
+def test_engine_and_metrics_url(tmp_path: Path) -> None:
+    (b,) = load_settings(write(tmp_path, ENGINE_BACKEND)).backends
+    assert b.engine == "vllm" and b.metrics_url is None and b.background_priority == 10
+    assert b.background_gate and b.preempt is None
+    text = ENGINE_BACKEND + 'metrics_url = "http://10.0.0.5:9000/metrics"\n'
+    (b,) = load_settings(write(tmp_path, text)).backends
+    assert b.metrics_url == "http://10.0.0.5:9000/metrics"
+    assert Settings().backends[0].engine == "generic"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (ENGINE_BACKEND.replace('"vllm"', '"triton"'), "engine"),
+        ('[[backends]]\nname = "l"\ntype = "llamacpp"\nengine = "vllm"\n', "embedded"),
+        ('[[backends]]\nname = "o"\ntype = "openai"\nengine = "sglang"\n', "base_url"),
+        (ENGINE_BACKEND + "idle_kv_threshold = 1.5\n", "idle_kv_threshold"),
+    ],
+)
+def test_engine_settings_refused(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        load_settings(write(tmp_path, text))

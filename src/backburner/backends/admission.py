@@ -50,6 +50,7 @@ class Held(StrEnum):
 @dataclass(frozen=True)
 class AdmissionOptions:
     max_window: int = 16
+    gated: bool = True  # False: a static cap of max_window, blind to the engine and realtime
     initial_window: float = 2.0
     shared_window: float = 0.0
     idle_kv: float = 0.7
@@ -61,6 +62,12 @@ class AdmissionOptions:
     grow_interval: float = 0.25
     overload_hold_seconds: float = 1.0
     baseline_alpha: float = 0.2
+    # an engine queue counts once seen on this many probes in a row: requests that arrive
+    # between two engine steps wait for the next one, and one probe can catch them there
+    queue_probes: int = 2
+    quiet_queue_probes: int = 4  # with realtime quiet, a queue must last about a second
+    # while realtime is quiet, a queue this short is requests that arrived between two steps
+    quiet_queue_tolerance: int = 4
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,8 @@ class AdmissionController:
         self.opts = options
         self._clock = clock
         self.window = min(float(options.max_window), options.initial_window)
+        if not options.gated:
+            self.window = float(options.max_window)
         self._slow_start = True
         self.background_inflight = 0
         self.realtime_inflight = 0
@@ -96,6 +105,8 @@ class AdmissionController:
         self._clean_streak = 0
         self._shared = False
         self._running_background: int | None = None
+        self._quiet_window = self.window
+        self._queue_streak = 0
         self.load: EngineLoad | None = None
         self._load_at: float | None = None
         self.probe_error: str | None = "no probe yet"
@@ -108,15 +119,25 @@ class AdmissionController:
         *,
         error: str | None = None,
         running_background: int | None = None,
+        exact: bool = False,
     ) -> None:
         """A probe cycle: the engine's load, or the error that stopped the probe.
-        ``running_background``: background requests actually running (not just reserved)."""
+        ``running_background``: background requests actually running (not just reserved);
+        ``exact``: the load is counted, not sampled (a queue counts at once)."""
         now = self._clock()
         self._running_background = running_background
         if load is None:
             self.probe_error = error or "probe failed"
         else:
             self.load, self._load_at, self.probe_error = load, now, None
+            tolerance = 0 if self._shared or exact else self.opts.quiet_queue_tolerance
+            queued = (load.waiting or 0) > tolerance or load.idle_slots == 0
+            if not queued:
+                self._queue_streak = 0
+            elif exact:
+                self._queue_streak = max(self.opts.queue_probes, self.opts.quiet_queue_probes)
+            else:
+                self._queue_streak += 1
         self._tick(now)
 
     def realtime_started(self) -> bool:
@@ -124,9 +145,13 @@ class AdmissionController:
         (the lane then preempts background work above the window)."""
         now = self._clock()
         self.realtime_inflight += 1
+        if not self.opts.gated:
+            return False
         entered = not self._realtime_recent(now)
         self._last_realtime = now
         if entered or not self._shared:
+            if not self._shared:
+                self._quiet_window = self.window
             self._shared = True
             self.window = min(self.window, self.opts.shared_window)
             self._clean_streak = 0
@@ -172,6 +197,9 @@ class AdmissionController:
     # ------------------------------------------------------------------ decisions
     def held(self) -> Held:
         """Why no more background may start now, or ``Held.NONE``."""
+        if not self.opts.gated:
+            full = self.background_inflight >= self.opts.max_window
+            return Held.WINDOW_FULL if full else Held.NONE
         now = self._clock()
         if self._load_at is None or now - self._load_at > self.opts.stale_seconds:
             return Held.PROBE_STALE
@@ -180,10 +208,9 @@ class AdmissionController:
         if now < self._overloaded_until:
             return Held.OVERLOADED
         load = self.load
-        if load is not None and (load.waiting or 0) > 0:
-            return Held.ENGINE_QUEUE
-        if load is not None and load.idle_slots == 0:
-            return Held.ENGINE_QUEUE  # a llama.cpp server with every slot busy
+        needed = self.opts.queue_probes if self._shared else self.opts.quiet_queue_probes
+        if self._queue_streak >= needed:
+            return Held.ENGINE_QUEUE  # waiting requests, or a llama.cpp server with no idle slot
         if load is not None and load.kv_usage is not None and load.kv_usage >= self.opts.idle_kv:
             return Held.KV_FULL
         if self.background_inflight >= math.floor(self.window):
@@ -194,10 +221,14 @@ class AdmissionController:
         """How many more background requests may start now."""
         if self.held() is not Held.NONE:
             return 0
+        if not self.opts.gated:
+            return max(0, self.opts.max_window - self.background_inflight)
         return max(0, math.floor(self.window) - self.background_inflight)
 
     def excess(self) -> int:
         """Background requests in flight above the window (candidates for preemption)."""
+        if not self.opts.gated:
+            return 0
         return max(0, self.background_inflight - math.floor(self.window))
 
     @property
@@ -224,6 +255,8 @@ class AdmissionController:
         return self.realtime_inflight > 1 or now - self._last_realtime < self.opts.quiet_seconds
 
     def _decrease(self, now: float) -> None:
+        if not self.opts.gated:
+            return
         self._slow_start = False
         if now - self._last_decrease < self.opts.decrease_cooldown:
             return
@@ -231,6 +264,9 @@ class AdmissionController:
         self.window = math.floor(self.window / 2)
 
     def _tick(self, now: float) -> None:
+        if not self.opts.gated:
+            self.window = float(self.opts.max_window)
+            return
         held = self.held()
         if held in (Held.PROBE_STALE, Held.ENGINE_QUEUE, Held.KV_FULL):
             if self.background_inflight > 0:
@@ -238,9 +274,11 @@ class AdmissionController:
             return
         if self._shared:
             if self.realtime_inflight == 0 and now - self._last_realtime >= self.opts.quiet_seconds:
-                self._shared = False  # realtime went quiet: the engine is ours again
+                # realtime went quiet: the engine is ours again; slow start from half the
+                # window the quiet regime had reached
+                self._shared = False
                 self._slow_start = True
-                self.window = max(self.window, self.opts.initial_window)
+                self.window = max(self.window, self.opts.initial_window, self._quiet_window // 2)
             return
         if held is Held.OVERLOADED:
             return

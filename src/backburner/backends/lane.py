@@ -123,6 +123,7 @@ class Lane:
         c.observe_load(
             EngineLoad(running=busy, waiting=max(0, busy - self.max_concurrency)),
             running_background=len(self._running),
+            exact=True,
         )
 
     # ------------------------------------------------------------------ background

@@ -27,6 +27,7 @@ class Route:
 def admission_options(s: BackendSettings) -> AdmissionOptions:
     return AdmissionOptions(
         max_window=s.max_concurrency,
+        gated=s.background_gate,
         initial_window=min(float(s.max_concurrency), 2.0),
         shared_window=float(min(s.max_concurrency, s.background_shared_window)),
         idle_kv=s.idle_kv_threshold,
