@@ -258,9 +258,7 @@ async def submit_backlog(c: httpx.AsyncClient, bodies: list[dict[str, Any]]) -> 
             single_ids.append(r.json()["id"])
     group_ids: list[str] = []
     for i in range(0, len(grouped), 50):
-        r = await c.post(
-            "/v1/slow/group/chat/completions", json={"requests": grouped[i : i + 50]}
-        )
+        r = await c.post("/v1/slow/group/chat/completions", json={"requests": grouped[i : i + 50]})
         r.raise_for_status()
         group_ids.append(r.json()["groupId"])
     lines = "".join(
@@ -436,9 +434,9 @@ async def embedded(args: argparse.Namespace, tmp: Path) -> tuple[list[float], li
                 while (await c.get(f"/v1/generation/{ids[0]}")).json()["state"] == "Queued":
                     await asyncio.sleep(0.05)
             busy = await calls(args.embedded_calls)
-            queued = sum(
-                (await c.get(f"/v1/generation/{i}")).json()["state"] != "Success" for i in ids
-            )
+            queued = 0
+            for gid in ids:
+                queued += (await c.get(f"/v1/generation/{gid}")).json()["state"] != "Success"
             async with asyncio.timeout(args.timeout):
                 for gid in ids:
                     while (await c.get(f"/v1/generation/{gid}")).json()["state"] not in (
