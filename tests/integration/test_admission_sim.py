@@ -91,13 +91,14 @@ async def test_probe_reads_the_engine_and_a_queue_holds_background(
         lane = h.state.router.lanes["sim"]
         await until(lambda: lane.snapshot().probe_error is None)
         assert lane.probe.url == sim.removesuffix("/v1") + "/metrics"
-        # other clients fill the engine past its 4 running sequences: a queue forms
+        # other clients fill the engine past its 4 running sequences: a queue forms, longer
+        # than the few requests a quiet lane tolerates (arrivals between two engine steps)
         async with httpx.AsyncClient(timeout=30) as c:
             outside = [
                 asyncio.create_task(
                     c.post(sim + "/chat/completions", json={**slow_body(1000 + i, 150)})
                 )
-                for i in range(8)
+                for i in range(16)
             ]
             await until(lambda: lane.held() is Held.ENGINE_QUEUE)
             ids = await submit(h, [slow_body(i, 4) for i in range(6)])
