@@ -111,3 +111,19 @@ async def test_overload_answer_from_background_backs_off() -> None:
     with pytest.raises(BackendRetryable):
         await ln.run_background(overloaded)
     assert ln.held() is Held.OVERLOADED
+
+
+async def test_a_claim_that_lands_after_realtime_arrived_does_not_start() -> None:
+    ln = lane(ScriptedProbe(EngineLoad(waiting=0, running=0, kv_usage=0.0)))
+    await ln.poll_once()
+    assert ln.take_background(2) == 2  # slots reserved; the claim is still on its way
+    ln.realtime_started()  # the window drops to 0
+    calls: list[int] = []
+
+    async def call() -> int:
+        calls.append(1)
+        return 1
+
+    with pytest.raises(Preempted):
+        await ln.run_background(call)
+    assert calls == [] and ln.counters.preempted == 1

@@ -158,6 +158,10 @@ class Lane:
 
     async def run_background(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run one background call (its slot already taken); it can be preempted."""
+        if self.preempt_enabled and self.controller.excess() > self._pending_preemptions():
+            # realtime took the engine while this slot was being claimed: yield before starting
+            self.counters.preempted += 1
+            raise Preempted("Queued again: realtime traffic has the engine")
         task: asyncio.Future[T] = asyncio.ensure_future(call())
         entry = _Running(task, self._clock())  # type: ignore[arg-type]
         self._running.append(entry)
@@ -179,11 +183,13 @@ class Lane:
         finally:
             self._running.remove(entry)
 
+    def _pending_preemptions(self) -> int:
+        return sum(1 for r in self._running if r.preempted)
+
     def _preempt_excess(self) -> int:
         if not self.preempt_enabled:
             return 0
-        pending = sum(1 for r in self._running if r.preempted)
-        n = self.controller.excess() - pending
+        n = self.controller.excess() - self._pending_preemptions()
         if n <= 0:
             return 0
         victims = sorted(
