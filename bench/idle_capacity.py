@@ -298,6 +298,18 @@ async def submit_backlog(c: httpx.AsyncClient, bodies: list[dict[str, Any]]) -> 
     return {"singles": single_ids, "groups": group_ids, "batch": batch_id}
 
 
+async def _settled(c: httpx.AsyncClient, path: str) -> dict[str, Any]:
+    """GET ``path`` until the group or generation it names is no longer running."""
+    while True:
+        obj: dict[str, Any] = (await c.get(path)).json()
+        if obj.get("status", "") != "in_progress" and obj.get("state") not in (
+            "Queued",
+            "In Progress",
+        ):
+            return obj
+        await asyncio.sleep(0.2)
+
+
 async def collect_results(
     c: httpx.AsyncClient, backlog: dict[str, Any], deadline: float
 ) -> dict[str, str]:
@@ -323,21 +335,12 @@ async def collect_results(
         row = json.loads(line)
         keep(row["custom_id"], row["response"]["body"])
     for gid in backlog["groups"]:
-        while True:
-            g = (await c.get(f"/v1/slow/group/{gid}/generations")).json()
-            if g["status"] != "in_progress":
-                break
-            await asyncio.sleep(0.2)
-        for gen in g["generations"]:
+        for gen in (await _settled(c, f"/v1/slow/group/{gid}/generations"))["generations"]:
             if gen["state"] != "Success":
                 raise RuntimeError(f"group generation {gen['id']} ended {gen['state']}")
             keep(gen["request"]["metadata"]["custom_id"], gen["response"])
     for sid in backlog["singles"]:
-        while True:
-            gen = (await c.get(f"/v1/generation/{sid}")).json()
-            if gen["state"] in ("Success", "Failed"):
-                break
-            await asyncio.sleep(0.2)
+        gen = await _settled(c, f"/v1/generation/{sid}")
         if gen["state"] != "Success":
             raise RuntimeError(f"generation {sid} ended {gen['state']}: {gen['stateMessage']}")
         keep(gen["request"]["metadata"]["custom_id"], gen["response"])

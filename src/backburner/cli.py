@@ -88,16 +88,7 @@ def worker(
     burst: Annotated[bool, typer.Option(help="Drain what is queued now, then exit.")] = False,
 ) -> None:
     """Run a worker against the configured database (on this or another machine)."""
-    from backburner.api.app import (
-        build_batch_runner,
-        build_dispatcher,
-        build_router,
-        worker_options,
-    )
-    from backburner.metrics import Metrics
-    from backburner.scheduler import Worker
-    from backburner.store import Store
-    from backburner.store.blobs import LocalBlobStore
+    from backburner.services import Services
     from backburner.store.migrate import upgrade
 
     settings = _settings(config)
@@ -105,37 +96,20 @@ def worker(
     upgrade(settings.database_url)
 
     async def main() -> None:
-        store = Store(settings.database_url)
-        router = build_router(settings)
-        await router.start()
-        metrics = Metrics()
-        hooks, client = build_dispatcher(settings, store, metrics)
-        w = Worker(store, router, worker_options(settings), metrics=metrics, after_write=hooks.wake)
-
-        runner = build_batch_runner(
-            settings, store, LocalBlobStore(Path(settings.files_dir)), router
-        )
-
-        async def stop() -> None:
-            await w.stop()
-            await hooks.stop()
-            await runner.stop()
-
+        services = Services.from_settings(settings, run_worker=True)
+        stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(stop()))
+            loop.add_signal_handler(sig, stopping.set)
         try:
+            await services.start()
             if burst:
-                await runner.run(burst=True)
-                await w.run(burst=True)
-                await runner.run(burst=True)
-                await hooks.run(burst=True)
+                await services.run_burst()
             else:
-                await asyncio.gather(w.run(), hooks.run(), runner.run())
+                services.start_background()
+                await stopping.wait()
         finally:
-            await client.aclose()
-            await router.close()
-            await store.close()
+            await services.close()
 
     asyncio.run(main())
 

@@ -293,7 +293,7 @@ async def test_cancel_while_loading_keeps_every_line(harness_factory: Any, tmp_p
     h = await harness_factory(
         backend=MarkerBackend("fake", delay=0.01), files_dir=str(tmp_path / "f")
     )
-    h.state.batches.chunk_lines = 50  # load in many small chunks
+    h.app.state.services.batches.chunk_lines = 50  # load in many small chunks
     fid = await upload(h, jsonl([line(i) for i in range(600)]))
     r = await h.client.post(
         "/v1/batches",

@@ -683,6 +683,30 @@ def _int_field(body: dict[str, Any], name: str) -> int | None:
     return v
 
 
+def _chat_tokens(body: dict[str, Any]) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest(400, "'messages' must be a non-empty list", "messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise BadRequest(400, "each message must be an object", "messages")
+    return tokenize_chat(messages)
+
+
+def _prompt_tokens(body: dict[str, Any]) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one prompt
+    if isinstance(prompt, str):
+        return tokenize_text(prompt)
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return list(prompt)
+    raise BadRequest(400, "'prompt' must be a string or a list of token ids (one prompt)", "prompt")
+
+
 class SimApp:
     """The raw ASGI application in front of a :class:`SimEngine`."""
 
@@ -753,29 +777,7 @@ class SimApp:
         model = body.get("model")
         if model is not None and model not in self.config.model_names:
             raise BadRequest(404, f"The model `{model}` does not exist.", "model")
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise BadRequest(400, "'messages' must be a non-empty list", "messages")
-            if not all(isinstance(m, dict) for m in messages):
-                raise BadRequest(400, "each message must be an object", "messages")
-            tokens = tokenize_chat(messages)
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-                prompt = prompt[0]  # a batch of one prompt
-            if isinstance(prompt, str):
-                tokens = tokenize_text(prompt)
-            elif (
-                isinstance(prompt, list)
-                and prompt
-                and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-            ):
-                tokens = list(prompt)
-            else:
-                raise BadRequest(
-                    400, "'prompt' must be a string or a list of token ids (one prompt)", "prompt"
-                )
+        tokens = _chat_tokens(body) if chat else _prompt_tokens(body)
         n = _int_field(body, "n")
         if n is not None and n != 1:
             raise BadRequest(400, "the simulator supports n=1 only", "n")

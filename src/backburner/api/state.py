@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fastapi import Request
 
 from backburner.backends.router import ModelRouter
 from backburner.config import Settings
 from backburner.metrics import Metrics
-from backburner.scheduler import Worker
-from backburner.scheduler.batches import BatchRunner
 from backburner.store import Store
 from backburner.store.blobs import LocalBlobStore
-from backburner.webhooks.dispatcher import Dispatcher
+
+
+class WakeUp(Protocol):
+    """The background loops a route may nudge after a write (no-ops without a worker)."""
+
+    def wake_worker(self) -> None: ...
+
+    def wake_batches(self) -> None: ...
+
+    def wake_dispatcher(self) -> None: ...
 
 
 @dataclass
@@ -23,25 +31,20 @@ class AppState:
     store: Store
     router: ModelRouter
     metrics: Metrics
-    worker: Worker | None = None
-    dispatcher: Dispatcher | None = None
-    batches: BatchRunner | None = None
-    blobs: LocalBlobStore | None = None
+    blobs: LocalBlobStore
+    wake: WakeUp
     keys_exist: bool = False
     keys_checked_at: float = field(default=0.0)
     key_cache: dict[str, tuple[str | None, float]] = field(default_factory=dict)
 
     def wake_worker(self) -> None:
-        if self.worker is not None:
-            self.worker.wake()
+        self.wake.wake_worker()
 
     def wake_batches(self) -> None:
-        if self.batches is not None:
-            self.batches.wake()
+        self.wake.wake_batches()
 
     def wake_dispatcher(self) -> None:
-        if self.dispatcher is not None:
-            self.dispatcher.wake()
+        self.wake.wake_dispatcher()
 
     def now(self) -> float:
         return time.monotonic()

@@ -1,4 +1,4 @@
-"""Identifiers: 21-character nanoid-style strings (SPEC section 1)."""
+"""Identifiers: 21-character nanoid-style strings (A-Z, a-z, 0-9, ``_`` and ``-``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OpenAI Batch objects and batch input lines (SPEC section 4)."""
+"""OpenAI Batch objects and batch input lines, as OpenAI's Batch API defines them."""
 
 from __future__ import annotations
 

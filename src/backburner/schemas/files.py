@@ -1,4 +1,4 @@
-"""Files (SPEC section 4): the stored record and OpenAI's File object on the wire."""
+"""Files: the stored record and OpenAI's File object on the wire."""
 
 from __future__ import annotations
 

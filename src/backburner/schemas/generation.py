@@ -1,4 +1,4 @@
-"""Generation and group wire shapes (SPEC sections 2 and 3), camelCase exactly as inference.net."""
+"""Generation and group wire shapes, camelCase exactly as inference.net's asynchronous API."""
 
 from __future__ import annotations
 

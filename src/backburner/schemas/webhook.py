@@ -1,4 +1,4 @@
-"""Webhook wire shapes (SPEC section 6)."""
+"""Webhook wire shapes: endpoints, the events sent to them, and delivery attempts."""
 
 from __future__ import annotations
 

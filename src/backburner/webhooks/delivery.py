@@ -1,4 +1,4 @@
-"""One webhook delivery attempt, over an injected ``httpx.AsyncClient`` (SPEC section 6).
+"""One webhook delivery attempt, over an injected ``httpx.AsyncClient``.
 
 An attempt is: check the URL (scheme, host, and optionally that it is not a private address),
 serialise the payload, send an ``OPTIONS`` readiness request, then ``POST`` the signed JSON.
@@ -120,11 +120,11 @@ class Attempt:
 
     status_code: int | None
     duration_ms: int
-    error: str | None
-    delivered: bool
-    retryable: bool
-    retry_after: float | None
-    disable_endpoint: bool
+    error: str | None = None
+    delivered: bool = False
+    retryable: bool = False
+    retry_after: float | None = None
+    disable_endpoint: bool = False
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -168,13 +168,13 @@ def next_delay(
 
 def _classify(status: int, retry_after: float | None, ms: int) -> Attempt:
     if 200 <= status < 300:
-        return Attempt(status, ms, None, True, False, None, False)
+        return Attempt(status, ms, delivered=True)
     if 300 <= status < 400:
-        return Attempt(status, ms, REDIRECT_ERROR, False, False, None, False)
+        return Attempt(status, ms, error=REDIRECT_ERROR)
     if status == 410:
-        return Attempt(status, ms, "HTTP 410 Gone: endpoint disabled", False, False, None, True)
+        return Attempt(status, ms, error="HTTP 410 Gone: endpoint disabled", disable_endpoint=True)
     retryable = status >= 500 or status in (408, 429) or status < 200
-    return Attempt(status, ms, f"HTTP {status}", False, retryable, retry_after, False)
+    return Attempt(status, ms, error=f"HTTP {status}", retryable=retryable, retry_after=retry_after)
 
 
 class Deliverer:
@@ -204,7 +204,7 @@ class Deliverer:
         started = time.monotonic()
 
         def failed(error: str, retryable: bool, status: int | None = None) -> Attempt:
-            return Attempt(status, _ms(started), error, False, retryable, None, False)
+            return Attempt(status, _ms(started), error=error, retryable=retryable)
 
         try:
             await self.guard.check(url)

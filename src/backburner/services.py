@@ -1,0 +1,190 @@
+"""The composition root: every long-lived object built once from settings.
+
+``backburner serve`` (through :func:`backburner.api.app.create_app`) and ``backburner worker``
+both call :meth:`Services.from_settings`; tests pass their own backends by name. Nothing here is
+built at import time.
+
+    Services
+    ├── store        the database (SQLite or PostgreSQL)
+    ├── backends     each backend's engine and lane (admission, probes, preemption)
+    ├── metrics      the Prometheus registry
+    ├── blobs        uploaded and result files
+    └── with run_worker:
+        ├── worker       claims generations and runs them on the backends
+        ├── batches      validates, loads and finalizes batches
+        └── dispatcher   delivers webhook events from the outbox
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from backburner.backends.base import Backend
+from backburner.backends.registry import build_backend
+from backburner.backends.router import ModelRouter
+from backburner.config import Settings
+from backburner.core.retry import Backoff
+from backburner.metrics import LaneCollector, Metrics
+from backburner.scheduler import Worker, WorkerOptions
+from backburner.scheduler.batches import BatchRunner
+from backburner.store import Store
+from backburner.store.blobs import LocalBlobStore
+from backburner.webhooks.delivery import Deliverer, UrlGuard
+from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
+
+log = logging.getLogger("backburner")
+
+
+def worker_options(settings: Settings) -> WorkerOptions:
+    return WorkerOptions(
+        max_attempts=settings.max_attempts,
+        max_lost_leases=settings.max_lost_leases,
+        lease_seconds=settings.lease_seconds,
+        poll_interval=settings.poll_interval_seconds,
+        maintenance_interval=settings.maintenance_interval_seconds,
+        backoff=Backoff(settings.retry_base_seconds, settings.retry_cap_seconds),
+    )
+
+
+def dispatcher_options(settings: Settings) -> DispatcherOptions:
+    return DispatcherOptions(
+        max_retries=settings.webhook_max_retries,
+        retry_base=settings.webhook_retry_base_seconds,
+        retry_cap=settings.webhook_retry_cap_seconds,
+        poll_interval=settings.webhook_poll_interval_seconds,
+        concurrency=settings.webhook_concurrency,
+    )
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    """A background loop that dies takes its lane with it: say so loudly."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("%s stopped with an error", task.get_name(), exc_info=task.exception())
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    backends: ModelRouter
+    metrics: Metrics
+    blobs: LocalBlobStore
+    worker: Worker | None = None
+    batches: BatchRunner | None = None
+    dispatcher: Dispatcher | None = None
+    _hook_client: httpx.AsyncClient | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        backends: Mapping[str, Backend] | None = None,
+        run_worker: bool | None = None,
+    ) -> Services:
+        """Build everything; ``backends`` replaces configured backends by name (tests inject
+        fakes); ``run_worker`` defaults to ``settings.run_worker``."""
+        given = dict(backends or {})
+        engines = {s.name: given.get(s.name) or build_backend(s) for s in settings.backends}
+        router = ModelRouter(settings.backends, engines)
+        metrics = Metrics()
+        metrics.registry.register(LaneCollector(router.lanes))
+        store = Store(settings.database_url)
+        blobs = LocalBlobStore(Path(settings.files_dir))
+        services = cls(settings, store, router, metrics, blobs)
+        if settings.run_worker if run_worker is None else run_worker:
+            services._build_background()
+        return services
+
+    def _build_background(self) -> None:
+        s = self.settings
+        self._hook_client = httpx.AsyncClient(
+            follow_redirects=False,
+            timeout=s.webhook_timeout_seconds,
+            limits=httpx.Limits(max_connections=s.webhook_concurrency * 2),
+        )
+        deliverer = Deliverer(
+            self._hook_client,
+            UrlGuard(deny_private=s.deny_private_webhooks),
+            timeout=s.webhook_timeout_seconds,
+        )
+        self.dispatcher = Dispatcher(
+            self.store, deliverer, dispatcher_options(s), metrics=self.metrics
+        )
+        self.worker = Worker(
+            self.store,
+            self.backends,
+            worker_options(s),
+            metrics=self.metrics,
+            after_write=self.dispatcher.wake,
+        )
+        self.batches = BatchRunner(
+            self.store,
+            self.blobs,
+            self.backends.models,
+            max_lines=s.batch_max_lines,
+            poll_interval=max(s.poll_interval_seconds, 0.05) * 5,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Load the engines and start the lanes' probes."""
+        await self.backends.start()
+
+    def start_background(self) -> None:
+        """Run the worker, batch runner and dispatcher as tasks of the current loop."""
+        for name, loop in (
+            ("bb-worker", self.worker),
+            ("bb-batches", self.batches),
+            ("bb-dispatcher", self.dispatcher),
+        ):
+            if loop is not None:
+                task = asyncio.create_task(loop.run(), name=name)
+                task.add_done_callback(_report_crash)
+                self._tasks.append(task)
+
+    async def run_burst(self) -> None:
+        """Drain what is queued now (batches loaded, generations run, events sent), then
+        return."""
+        if self.worker is None or self.batches is None or self.dispatcher is None:
+            raise RuntimeError("run_burst needs the background services (run_worker)")
+        await self.batches.run(burst=True)
+        await self.worker.run(burst=True)
+        await self.batches.run(burst=True)
+        await self.dispatcher.run(burst=True)
+
+    async def stop(self) -> None:
+        """Ask the background loops to finish what they hold, and wait for them."""
+        for loop in (self.worker, self.dispatcher, self.batches):
+            if loop is not None:
+                await loop.stop()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def close(self) -> None:
+        await self.stop()
+        if self._hook_client is not None:
+            await self._hook_client.aclose()
+        await self.backends.close()
+        await self.store.close()
+
+    # ------------------------------------------------------------------ wake-up interface
+    def wake_worker(self) -> None:
+        """New work was submitted in this process: claim now instead of at the next poll."""
+        if self.worker is not None:
+            self.worker.wake()
+
+    def wake_batches(self) -> None:
+        if self.batches is not None:
+            self.batches.wake()
+
+    def wake_dispatcher(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
