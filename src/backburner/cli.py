@@ -130,7 +130,7 @@ def keys_create(
     async def main() -> str:
         store = Store(settings.database_url)
         try:
-            _, key = await store.create_key(tenant, name)
+            _, key = await store.keys.create(tenant, name)
         finally:
             await store.close()
         return key
@@ -150,7 +150,7 @@ def keys_list(config: ConfigOpt = None) -> None:
     async def main() -> list[dict[str, Any]]:
         store = Store(settings.database_url)
         try:
-            return await store.list_keys()
+            return await store.keys.list()
         finally:
             await store.close()
 
@@ -177,7 +177,7 @@ def keys_revoke(key_id: str, config: ConfigOpt = None) -> None:
     async def main() -> bool:
         store = Store(settings.database_url)
         try:
-            return await store.revoke_key(key_id)
+            return await store.keys.revoke(key_id)
         finally:
             await store.close()
 
@@ -233,7 +233,7 @@ def webhooks_create(
     asyncio.run(UrlGuard(deny_private=settings.deny_private_webhooks).check(body.url))
 
     async def go(store: Any) -> Any:
-        return await store.create_webhook(
+        return await store.webhooks.create(
             tenant, url=body.url, secret=new_secret(), name=body.name, events=body.events
         )
 
@@ -245,7 +245,7 @@ def webhooks_create(
 def webhooks_list(tenant: TenantOpt = "default", config: ConfigOpt = None) -> None:
     """List a tenant's webhooks."""
     settings = _settings(config)
-    recs = _with_store(settings, lambda store: store.list_webhooks(tenant))
+    recs = _with_store(settings, lambda store: store.webhooks.list(tenant))
     table = Table("id", "url", "name", "events", "enabled")
     table.columns[0].overflow = "fold"
     table.columns[0].no_wrap = True
@@ -260,7 +260,7 @@ def webhooks_delete(
 ) -> None:
     """Delete a webhook."""
     settings = _settings(config)
-    _with_store(settings, lambda store: store.delete_webhook(tenant, webhook_id))
+    _with_store(settings, lambda store: store.webhooks.delete(tenant, webhook_id))
     typer.echo(f"deleted {webhook_id}")
 
 
@@ -268,7 +268,7 @@ def webhooks_delete(
 def webhooks_test(webhook_id: str, tenant: TenantOpt = "default", config: ConfigOpt = None) -> None:
     """Queue a webhook.test event (a running worker delivers it)."""
     settings = _settings(config)
-    event_id = _with_store(settings, lambda store: store.enqueue_test_event(tenant, webhook_id))
+    event_id = _with_store(settings, lambda store: store.outbox.enqueue_test(tenant, webhook_id))
     typer.echo(f"queued {event_id}")
 
 
@@ -278,7 +278,7 @@ def webhooks_deliveries(
 ) -> None:
     """Show the delivery log of a webhook."""
     settings = _settings(config)
-    attempts = _with_store(settings, lambda store: store.list_attempts(tenant, webhook_id))
+    attempts = _with_store(settings, lambda store: store.outbox.attempts(tenant, webhook_id))
     table = Table("time", "delivery", "event", "attempt", "status", "ms", "error")
     for a in attempts:
         table.add_row(
@@ -297,6 +297,7 @@ def main() -> None:
     from pydantic import ValidationError
 
     from backburner.errors import BackburnerError
+    from backburner.schemas.validation import problems_from
 
     try:
         app()
@@ -304,7 +305,6 @@ def main() -> None:
         typer.secho(f"error: {exc.message}", err=True, fg="red")
         raise SystemExit(1) from None
     except ValidationError as exc:
-        for e in exc.errors(include_url=False):
-            where = ".".join(str(p) for p in e["loc"]) or "input"
-            typer.secho(f"error: {where}: {e['msg']}", err=True, fg="red")
+        for problem in problems_from(exc.errors(include_url=False), root="input"):
+            typer.secho(f"error: {problem}", err=True, fg="red")
         raise SystemExit(1) from None

@@ -138,7 +138,7 @@ async def test_preempted_generation_completes_with_its_full_result(
             got = done["response"]["choices"][0]["message"]["content"]
             assert got == expected["choices"][0]["message"]["content"]
             assert done["response"]["usage"]["completion_tokens"] == 150
-        records = [await h.state.store.get_generation("default", gid) for gid in ids]
+        records = [await h.state.store.generations.get("default", gid) for gid in ids]
         assert all(rec.attempts == 1 for rec in records), [rec.attempts for rec in records]
         async with httpx.AsyncClient() as c:
             stats = (await c.get(sim.removesuffix("/v1") + "/stats")).json()

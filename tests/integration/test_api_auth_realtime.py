@@ -43,7 +43,7 @@ async def test_open_mode_ignores_authorization(harness: Any) -> None:
 
 
 async def test_once_a_key_exists_it_is_required(harness: Any) -> None:
-    _, key = await harness.state.store.create_key("acme")
+    _, key = await harness.state.store.keys.create("acme")
     for headers in ({}, bearer("bb-wrong"), {"Authorization": f"Basic {key}"}, bearer("")):
         assert_401(
             await harness.client.post("/v1/slow/chat/completions", json=CHAT, headers=headers)
@@ -57,7 +57,7 @@ async def test_once_a_key_exists_it_is_required(harness: Any) -> None:
 
 async def test_key_created_while_open_closes_the_server(harness: Any) -> None:
     assert (await harness.client.get("/v1/models")).status_code == 200  # open: no keys yet
-    _, key = await harness.state.store.create_key("acme")
+    _, key = await harness.state.store.keys.create("acme")
     async with asyncio.timeout(10):  # the no-keys answer is cached for about a second
         while True:
             if (await harness.client.get("/v1/models")).status_code == 401:
@@ -70,22 +70,22 @@ async def test_non_loopback_without_keys_is_closed(harness_factory: Any) -> None
     h = await harness_factory(host="0.0.0.0")
     assert_401(await h.client.post("/v1/slow/chat/completions", json=CHAT))
     assert_401(await h.client.get("/v1/models", headers=bearer("anything")))
-    assert await h.state.store.count_by_state() == {}
+    assert await h.state.store.generations.count_by_state() == {}
     # operations endpoints stay open
     assert (await h.client.get("/healthz")).status_code == 200
 
 
 async def test_auth_disabled_runs_open_even_with_keys(harness_factory: Any) -> None:
     h = await harness_factory(auth="disabled", host="0.0.0.0")
-    await h.state.store.create_key("acme")
+    await h.state.store.keys.create("acme")
     r = await h.client.post("/v1/slow/chat/completions", json=CHAT)
     assert r.status_code == 200
 
 
 async def test_tenant_isolation(harness_factory: Any) -> None:
     h = await harness_factory(auth="required", run_worker=False)
-    _, ka = await h.state.store.create_key("tenant-a")
-    _, kb = await h.state.store.create_key("tenant-b")
+    _, ka = await h.state.store.keys.create("tenant-a")
+    _, kb = await h.state.store.keys.create("tenant-b")
     gid = (await h.client.post("/v1/slow/chat/completions", json=CHAT, headers=bearer(ka))).json()[
         "id"
     ]
@@ -154,7 +154,7 @@ async def test_realtime_answers_with_public_model(
         assert resp["choices"][0]["text"] == "echo: yo"
     else:
         assert resp["data"][0]["embedding"] == [0.1, 0.2, 0.3]
-    assert await aliased.state.store.count_by_state() == {}  # realtime stores nothing
+    assert await aliased.state.store.generations.count_by_state() == {}  # realtime stores nothing
 
 
 async def test_realtime_validation_and_unknown_model(harness: Any) -> None:

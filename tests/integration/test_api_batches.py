@@ -137,7 +137,7 @@ async def test_bad_line_7_fails_and_runs_nothing(h: Any) -> None:
     assert all(e["message"].startswith("line 7") for e in errors)
     assert any(e["param"] == "body.messages" for e in errors)
     assert b["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
-    assert await h.state.store.count_by_state() == {}
+    assert await h.state.store.generations.count_by_state() == {}
 
 
 async def test_duplicate_custom_id_and_bad_json_are_named(h: Any) -> None:
@@ -254,8 +254,8 @@ async def test_webhook_url_gets_batch_completed(h: Any) -> None:
 
 async def test_other_tenant_sees_404(harness_factory: Any, tmp_path: Any) -> None:
     h = await harness_factory(auth="required", files_dir=str(tmp_path / "f"))
-    _, ka = await h.state.store.create_key("a")
-    _, kb = await h.state.store.create_key("b")
+    _, ka = await h.state.store.keys.create("a")
+    _, kb = await h.state.store.keys.create("b")
     a = {"Authorization": f"Bearer {ka}"}
     b = {"Authorization": f"Bearer {kb}"}
     r = await h.client.post(

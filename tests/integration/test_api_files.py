@@ -83,7 +83,7 @@ async def test_upload_list_retrieve_content_round_trip(h: AppHarness, files_dir:
     assert isinstance(f["created_at"], int) and f["expires_at"] is None
     assert f["status_details"] is None
 
-    rec = await h.state.store.get_file("default", f["id"])
+    rec = await h.state.store.files.get("default", f["id"])
     assert rec.lines == len(LINES) and rec.sha256 == hashlib.sha256(JSONL).hexdigest()
     assert rec.blob == f["id"] and rec.batch_id is None
     assert [p.name for p in blobs_on_disk(files_dir)] == [f["id"]]
@@ -175,7 +175,7 @@ async def test_wrong_purpose_is_400_and_stores_nothing(
     err = assert_error(r, 400, "purpose")
     assert "'batch'" in err["message"] and "fine-tune" in err["message"]
     assert blobs_on_disk(files_dir) == []
-    assert await h.state.store.list_files("default") == []
+    assert await h.state.store.files.list("default") == []
 
 
 async def test_missing_purpose_is_400(h: AppHarness, files_dir: Path) -> None:
@@ -219,15 +219,15 @@ async def test_over_files_max_bytes_is_413_and_leaves_nothing(
     err = assert_error(await upload(h.client, b"x" * size), 413, "file")
     assert "4096" in err["message"]
     assert blobs_on_disk(files_dir) == []
-    assert await h.state.store.list_files("default") == []
+    assert await h.state.store.files.list("default") == []
     ok = await upload(h.client, b"y" * 4096)  # exactly at the limit is fine
     assert ok.status_code == 200 and ok.json()["bytes"] == 4096
 
 
 async def test_other_tenant_gets_404(harness_factory: Any, files_dir: Path) -> None:
     h = await harness_factory(files_dir=str(files_dir), auth="required", run_worker=False)
-    _, ka = await h.state.store.create_key("tenant-a")
-    _, kb = await h.state.store.create_key("tenant-b")
+    _, ka = await h.state.store.keys.create("tenant-a")
+    _, kb = await h.state.store.keys.create("tenant-b")
     assert (await upload(h.client)).status_code == 401
     fid = (await upload(h.client, headers=bearer(ka))).json()["id"]
     for path in (f"/v1/files/{fid}", f"/v1/files/{fid}/content"):
@@ -305,7 +305,7 @@ async def test_idempotency_key(h: AppHarness, files_dir: Path) -> None:
     again = await upload(h.client, headers=key)
     assert again.status_code == 200 and again.json() == first.json()
     assert again.headers.get("idempotent-replayed") == "true"
-    assert len(await h.state.store.list_files("default")) == 1
+    assert len(await h.state.store.files.list("default")) == 1
     assert len(blobs_on_disk(files_dir)) == 1
     r = await upload(h.client, JSONL + b"{}\n", headers=key)
     assert r.status_code == 409

@@ -258,7 +258,7 @@ async def test_refusal_names_the_field_and_stores_nothing(
     assert err["param"] == param, err
     for s in says:
         assert s in err["message"], err["message"]
-    assert await idle.state.store.count_by_state() == {}
+    assert await idle.state.store.generations.count_by_state() == {}
     assert await group_rows(idle) == 0
 
 
@@ -285,7 +285,7 @@ async def test_every_problem_is_reported_at_once(idle: Any) -> None:
     ):
         assert field in msg, (field, msg)
     assert "requests[0]" not in msg
-    assert await idle.state.store.count_by_state() == {}
+    assert await idle.state.store.generations.count_by_state() == {}
     assert await group_rows(idle) == 0
 
 
@@ -325,7 +325,7 @@ async def test_group_idempotency_key(harness_factory: Any) -> None:
     r2 = await h.client.post("/v1/slow/group/completions", json=body, headers=hdr)
     assert r1.status_code == r2.status_code == 200 and r1.json() == r2.json()
     assert await group_rows(h) == 1
-    assert await h.state.store.count_by_state() == {"Queued": 3}
+    assert await h.state.store.generations.count_by_state() == {"Queued": 3}
     body2 = {"requests": many("completions", 2)}
     r3 = await h.client.post("/v1/slow/group/completions", json=body2, headers=hdr)
     assert r3.status_code == 409
@@ -408,8 +408,8 @@ async def test_unknown_group_is_404(idle: Any, prefix: str) -> None:
 
 async def _two_tenants(harness_factory: Any) -> tuple[Any, dict[str, str], dict[str, str]]:
     h = await harness_factory(auth="required", run_worker=False)
-    _, ka = await h.state.store.create_key("tenant-a")
-    _, kb = await h.state.store.create_key("tenant-b")
+    _, ka = await h.state.store.keys.create("tenant-a")
+    _, kb = await h.state.store.keys.create("tenant-b")
     return h, {"Authorization": f"Bearer {ka}"}, {"Authorization": f"Bearer {kb}"}
 
 
@@ -442,5 +442,5 @@ async def test_big_group_does_not_starve_another_tenant(harness_factory: Any) ->
     assert r.status_code == 200
     single = await h.client.post("/v1/slow/chat/completions", json=CHAT_REQ, headers=b)
     b_id = single.json()["id"]
-    claimed = await h.state.store.claim("test-worker", [FAKE_MODEL], 3, 30.0)
+    claimed = await h.state.store.work.claim("test-worker", [FAKE_MODEL], 3, 30.0)
     assert b_id in {g.id for g in claimed}

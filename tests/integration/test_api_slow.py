@@ -154,7 +154,7 @@ async def test_invalid_body_is_400_and_nothing_stored(
         err = assert_envelope(r, 400, param)
         assert err["type"] == "invalid_request_error"
         assert param in err["message"] and says in err["message"]
-    assert await idle.state.store.count_by_state() == {}
+    assert await idle.state.store.generations.count_by_state() == {}
 
 
 async def test_unknown_model_names_the_served_ones(idle: Any) -> None:
@@ -170,7 +170,7 @@ async def test_invalid_or_empty_json_is_400(idle: Any, raw: bytes) -> None:
     )
     err = assert_envelope(r, 400, "body")
     assert "JSON" in err["message"]
-    assert await idle.state.store.count_by_state() == {}
+    assert await idle.state.store.generations.count_by_state() == {}
 
 
 @pytest.mark.parametrize(
@@ -188,7 +188,7 @@ async def test_nan_and_infinity_are_not_json(harness_factory: Any, route: str) -
         route, content=raw.encode(), headers={"content-type": "application/json"}
     )
     assert_envelope(r, 400, "body")
-    assert await h.state.store.count_by_state() == {}
+    assert await h.state.store.generations.count_by_state() == {}
 
 
 async def test_body_over_limit_is_413(harness_factory: Any) -> None:
@@ -207,7 +207,7 @@ async def test_body_over_limit_is_413(harness_factory: Any) -> None:
     r = await h.client.post("/v1/slow/chat/completions", content=chunks())
     err = assert_envelope(r, 413)
     assert err["code"] == "body_too_large"
-    assert await h.state.store.count_by_state() == {}
+    assert await h.state.store.generations.count_by_state() == {}
     small = await h.client.post("/v1/slow/chat/completions", json=CHAT)
     assert small.status_code == 200
 
@@ -336,20 +336,20 @@ async def test_idempotency_key_replays_the_first_answer(harness_factory: Any) ->
     assert r1.status_code == r2.status_code == 200
     assert r1.json() == r2.json()
     assert r2.headers.get("idempotent-replayed") == "true"
-    assert await h.state.store.count_by_state() == {"Queued": 1}
+    assert await h.state.store.generations.count_by_state() == {"Queued": 1}
 
     other = {**CHAT, "temperature": 0.1}
     r3 = await h.client.post("/v1/slow/chat/completions", json=other, headers=hdr)
     err = assert_envelope(r3, 409, "Idempotency-Key")
     assert err["code"] == "idempotency_key_reused"
-    assert await h.state.store.count_by_state() == {"Queued": 1}
+    assert await h.state.store.generations.count_by_state() == {"Queued": 1}
 
     # another key is another submission
     r4 = await h.client.post(
         "/v1/slow/chat/completions", json=CHAT, headers={"Idempotency-Key": "k-2"}
     )
     assert r4.json()["id"] != r1.json()["id"]
-    assert await h.state.store.count_by_state() == {"Queued": 2}
+    assert await h.state.store.generations.count_by_state() == {"Queued": 2}
 
 
 async def test_idempotency_key_not_stored_for_invalid_request(harness_factory: Any) -> None:
@@ -359,7 +359,7 @@ async def test_idempotency_key_not_stored_for_invalid_request(harness_factory: A
     assert_envelope(r, 400, "messages")
     ok = await h.client.post("/v1/slow/chat/completions", json=CHAT, headers=hdr)
     assert ok.status_code == 200
-    assert await h.state.store.count_by_state() == {"Queued": 1}
+    assert await h.state.store.generations.count_by_state() == {"Queued": 1}
 
 
 async def test_idempotency_key_too_long_is_400(idle: Any) -> None:
@@ -367,7 +367,7 @@ async def test_idempotency_key_too_long_is_400(idle: Any) -> None:
         "/v1/slow/chat/completions", json=CHAT, headers={"Idempotency-Key": "k" * 256}
     )
     assert_envelope(r, 400, "Idempotency-Key")
-    assert await idle.state.store.count_by_state() == {}
+    assert await idle.state.store.generations.count_by_state() == {}
 
 
 async def test_idempotency_key_on_cancel_and_webhook_create(harness_factory: Any) -> None:

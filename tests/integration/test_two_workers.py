@@ -32,7 +32,7 @@ def router(delay: float) -> ModelRouter:
 
 
 async def test_two_workers_complete_a_group_once(store: Store, db_url: str) -> None:
-    hook = await store.create_webhook(
+    hook = await store.webhooks.create(
         "t", url="http://127.0.0.1:9/hook", secret="whsec_" + "A" * 32
     )
     items = [
@@ -48,7 +48,9 @@ async def test_two_workers_complete_a_group_once(store: Store, db_url: str) -> N
         )
         for i in range(50)
     ]
-    group = await store.submit_group("t", Kind.CHAT, items, expiry_seconds=3600, webhook_id=hook.id)
+    group = await store.groups.submit(
+        "t", Kind.CHAT, items, expiry_seconds=3600, webhook_id=hook.id
+    )
     completed: list[str] = []
 
     async def note(ids: list[str]) -> None:
@@ -72,7 +74,7 @@ async def test_two_workers_complete_a_group_once(store: Store, db_url: str) -> N
         for s in stores:
             await s.close()
     assert completed == [group.id]
-    got, gens = await store.get_group("t", group.id, with_generations=True)
+    got, gens = await store.groups.get("t", group.id, with_generations=True)
     assert got.status.value == "completed" and got.completed_at is not None
     assert got.counts.success == 50
     assert [g.custom_id for g in gens] == [f"c{i}" for i in range(50)]

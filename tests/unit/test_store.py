@@ -28,20 +28,20 @@ def new(model: str = M, **extra: Any) -> NewGeneration:
 
 
 async def submit(store: Store, tenant: str = "t1", model: str = M, expiry: float = HOUR) -> str:
-    return (await store.submit(tenant, new(model), expiry_seconds=expiry)).id
+    return (await store.generations.submit(tenant, new(model), expiry_seconds=expiry)).id
 
 
 async def group(
     store: Store, n: int, tenant: str = "t1", expiry: float = HOUR, model: str = M
 ) -> str:
     items = [new(model, custom=i) for i in range(n)]
-    return (await store.submit_group(tenant, Kind.CHAT, items, expiry_seconds=expiry)).id
+    return (await store.groups.submit(tenant, Kind.CHAT, items, expiry_seconds=expiry)).id
 
 
 async def claim(
     store: Store, worker: str = "w1", limit: int = 100, lease: float = 60.0
 ) -> list[str]:
-    return [g.id for g in await store.claim(worker, [M], limit, lease)]
+    return [g.id for g in await store.work.claim(worker, [M], limit, lease)]
 
 
 def ok(gid: str) -> Outcome:
@@ -58,8 +58,8 @@ async def lease_of(store: Store, gid: str) -> tuple[str | None, datetime | None]
 
 async def test_submit_and_get(store: Store) -> None:
     before = utcnow()
-    rec = await store.submit("t1", new(), expiry_seconds=HOUR)
-    got = await store.get_generation("t1", rec.id)
+    rec = await store.generations.submit("t1", new(), expiry_seconds=HOUR)
+    got = await store.generations.get("t1", rec.id)
     assert got == rec
     assert len(rec.id) == 21
     assert (got.state, got.state_message, got.attempts) == (State.QUEUED, "Queued", 0)
@@ -72,9 +72,9 @@ async def test_submit_and_get(store: Store) -> None:
 async def test_other_tenant_gets_not_found(store: Store) -> None:
     gid = await submit(store, "t1")
     with pytest.raises(NotFound):
-        await store.get_generation("t2", gid)
+        await store.generations.get("t2", gid)
     with pytest.raises(NotFound):
-        await store.get_generation("t1", "x" * 21)
+        await store.generations.get("t1", "x" * 21)
 
 
 async def test_request_stored_exactly_as_sent(store: Store) -> None:
@@ -85,8 +85,10 @@ async def test_request_stored_exactly_as_sent(store: Store) -> None:
         "alpha": {"z": [1, 2.5, None, True, {"deep": {"er": []}}], "a": "", "big": 2**62},
         "metadata": {"custom_id": "req-001", "b": 2, "a": 1},
     }
-    rec = await store.submit("t1", NewGeneration(Kind.CHAT, M, body), expiry_seconds=HOUR)
-    got = (await store.get_generation("t1", rec.id)).request
+    rec = await store.generations.submit(
+        "t1", NewGeneration(Kind.CHAT, M, body), expiry_seconds=HOUR
+    )
+    got = (await store.generations.get("t1", rec.id)).request
     assert got == body
     assert json.dumps(got, ensure_ascii=False) == json.dumps(body, ensure_ascii=False)
     assert list(got["alpha"]) == ["z", "a", "big"]
@@ -94,32 +96,34 @@ async def test_request_stored_exactly_as_sent(store: Store) -> None:
 
 async def test_lone_surrogate_escape_is_stored_exactly(store: Store) -> None:
     body = json.loads('{"model": "m", "messages": [{"role": "user", "content": "a\\ud800b"}]}')
-    rec = await store.submit("t1", NewGeneration(Kind.CHAT, M, body), expiry_seconds=HOUR)
-    assert (await store.get_generation("t1", rec.id)).request == body
+    rec = await store.generations.submit(
+        "t1", NewGeneration(Kind.CHAT, M, body), expiry_seconds=HOUR
+    )
+    assert (await store.generations.get("t1", rec.id)).request == body
 
 
 async def test_claim_marks_in_progress_with_a_lease(store: Store) -> None:
     gid = await submit(store)
-    (g,) = await store.claim("w1", [M], 10, 60.0)
+    (g,) = await store.work.claim("w1", [M], 10, 60.0)
     assert g.id == gid
     assert (g.state, g.state_message, g.attempts) == (State.IN_PROGRESS, "Running", 1)
     assert g.dispatched_at is not None and g.dispatched_at >= g.created_at
     owner, expires = await lease_of(store, gid)
     assert owner == "w1"
     assert expires is not None and expires > utcnow() + timedelta(seconds=30)
-    assert await store.get_generation("t1", gid) == g
+    assert await store.generations.get("t1", gid) == g
     assert await claim(store, "w2") == []
 
 
 async def test_claim_filters_by_model_and_respects_limit(store: Store) -> None:
     a = {await submit(store, model="a") for _ in range(3)}
     b = {await submit(store, model="b") for _ in range(2)}
-    assert {g.id for g in await store.claim("w", ["b", "zzz"], 10, 60)} == b
-    first = {g.id for g in await store.claim("w", ["a"], 2, 60)}
+    assert {g.id for g in await store.work.claim("w", ["b", "zzz"], 10, 60)} == b
+    first = {g.id for g in await store.work.claim("w", ["a"], 2, 60)}
     assert len(first) == 2 and first < a
-    assert await store.claim("w", ["a"], 0, 60) == []
-    assert await store.claim("w", [], 10, 60) == []
-    assert {g.id for g in await store.claim("w", ["a", "b"], 10, 60)} == a - first
+    assert await store.work.claim("w", ["a"], 0, 60) == []
+    assert await store.work.claim("w", [], 10, 60) == []
+    assert {g.id for g in await store.work.claim("w", ["a", "b"], 10, 60)} == a - first
 
 
 async def test_one_tenant_cannot_starve_another(store: Store) -> None:
@@ -136,7 +140,7 @@ async def test_one_tenant_cannot_starve_another(store: Store) -> None:
 async def test_two_big_tenants_interleave(store: Store) -> None:
     await group(store, 50, tenant="A")
     await group(store, 50, tenant="B")
-    tenants = [g.tenant for g in await store.claim("w", [M], 20, 60)]
+    tenants = [g.tenant for g in await store.work.claim("w", [M], 20, 60)]
     assert tenants.count("A") >= 8 and tenants.count("B") >= 8
 
 
@@ -146,22 +150,22 @@ async def test_heartbeat_extends_only_own_leases(store: Store) -> None:
     (c2,) = await claim(store, "w2", limit=1, lease=5)
     assert {c1, c2} == {g1, g2}
     before = (await lease_of(store, c2))[1]
-    assert await store.heartbeat("w1", [c1, c2, "nope"], 600) == 1
+    assert await store.work.heartbeat("w1", [c1, c2, "nope"], 600) == 1
     exp1 = (await lease_of(store, c1))[1]
     assert exp1 is not None and exp1 > utcnow() + timedelta(seconds=300)
     assert (await lease_of(store, c2))[1] == before
-    assert await store.heartbeat("w1", [], 600) == 0
+    assert await store.work.heartbeat("w1", [], 600) == 0
 
 
 async def test_release_requeues_without_counting_the_attempt(store: Store) -> None:
     gid = await submit(store)
     await claim(store, "w1")
-    assert await store.release("w2", [gid]) == 0
-    assert await store.release("w1", [gid]) == 1
-    g = await store.get_generation("t1", gid)
+    assert await store.work.release("w2", [gid]) == 0
+    assert await store.work.release("w1", [gid]) == 1
+    g = await store.generations.get("t1", gid)
     assert (g.state, g.state_message, g.attempts) == (State.QUEUED, "Queued", 0)
     assert await lease_of(store, gid) == (None, None)
-    (again,) = await store.claim("w3", [M], 1, 60)
+    (again,) = await store.work.claim("w3", [M], 1, 60)
     assert again.attempts == 1
 
 
@@ -170,21 +174,21 @@ async def test_recover_lost_requeues_expired_leases(store: Store) -> None:
     assert await claim(store, "dead", limit=1, lease=0.01) == [lost]
     assert await claim(store, "live", limit=1, lease=600) == [alive]
     await asyncio.sleep(0.1)
-    assert await store.recover_lost() == 1
-    g = await store.get_generation("t1", lost)
+    assert await store.work.recover_lost() == 1
+    g = await store.generations.get("t1", lost)
     assert (g.state, g.attempts) == (State.QUEUED, 1)
-    assert (await store.get_generation("t1", alive)).state is State.IN_PROGRESS
-    assert await store.finish("dead", [ok(lost)]) == []  # the lease is gone: nothing recorded
-    assert (await store.get_generation("t1", lost)).state is State.QUEUED
-    (g2,) = await store.claim("w2", [M], 10, 60)
+    assert (await store.generations.get("t1", alive)).state is State.IN_PROGRESS
+    assert await store.work.finish("dead", [ok(lost)]) == []  # the lease is gone: nothing recorded
+    assert (await store.generations.get("t1", lost)).state is State.QUEUED
+    (g2,) = await store.work.claim("w2", [M], 10, 60)
     assert (g2.id, g2.attempts) == (lost, 2)
 
 
 async def test_finish_success_and_failure(store: Store) -> None:
     s, f = await submit(store), await submit(store)
     await claim(store)
-    assert await store.finish("w1", [ok(s), Outcome(f, State.FAILED, "HTTP 400: bad")]) == []
-    gs, gf = await store.get_generation("t1", s), await store.get_generation("t1", f)
+    assert await store.work.finish("w1", [ok(s), Outcome(f, State.FAILED, "HTTP 400: bad")]) == []
+    gs, gf = await store.generations.get("t1", s), await store.generations.get("t1", f)
     assert (gs.state, gs.state_message) == (State.SUCCESS, "Completed")
     assert gs.response == {"choices": []}
     assert gs.finished_at is not None and gs.dispatched_at is not None
@@ -195,14 +199,16 @@ async def test_finish_success_and_failure(store: Store) -> None:
 
 async def test_finish_retry_is_not_claimable_before_retry_at(store: Store) -> None:
     gid = await submit(store)
-    (first,) = await store.claim("w1", [M], 1, 60)
+    (first,) = await store.work.claim("w1", [M], 1, 60)
     retry_at = utcnow() + timedelta(seconds=0.3)
-    await store.finish("w1", [Outcome(gid, State.QUEUED, "HTTP 503, retrying", retry_at=retry_at)])
-    g = await store.get_generation("t1", gid)
+    await store.work.finish(
+        "w1", [Outcome(gid, State.QUEUED, "HTTP 503, retrying", retry_at=retry_at)]
+    )
+    g = await store.generations.get("t1", gid)
     assert (g.state, g.state_message, g.finished_at) == (State.QUEUED, "HTTP 503, retrying", None)
     assert await claim(store, "w2") == []
     await asyncio.sleep(0.4)
-    (again,) = await store.claim("w2", [M], 1, 60)
+    (again,) = await store.work.claim("w2", [M], 1, 60)
     assert (again.id, again.attempts) == (gid, 2)
     assert again.dispatched_at == first.dispatched_at  # first dispatch is kept
 
@@ -210,80 +216,80 @@ async def test_finish_retry_is_not_claimable_before_retry_at(store: Store) -> No
 async def test_finish_by_a_worker_without_the_lease_changes_nothing(store: Store) -> None:
     gid = await submit(store)
     await claim(store, "w1")
-    assert await store.finish("w2", [ok(gid)]) == []
-    g = await store.get_generation("t1", gid)
+    assert await store.work.finish("w2", [ok(gid)]) == []
+    g = await store.generations.get("t1", gid)
     assert g.state is State.IN_PROGRESS and g.response is None
-    await store.finish("w1", [Outcome(gid, State.FAILED, "boom")])
-    assert await store.finish("w1", [ok(gid)]) == []  # finished stays finished
-    assert (await store.get_generation("t1", gid)).state is State.FAILED
+    await store.work.finish("w1", [Outcome(gid, State.FAILED, "boom")])
+    assert await store.work.finish("w1", [ok(gid)]) == []  # finished stays finished
+    assert (await store.generations.get("t1", gid)).state is State.FAILED
 
 
 async def test_expire_overdue(store: Store) -> None:
     old, fresh = await submit(store, expiry=0.01), await submit(store, expiry=HOUR)
     all_queued = await group(store, 2, expiry=0.01)
     running = await group(store, 2, expiry=0.01, model="r")
-    (r1,) = await store.claim("w1", ["r"], 1, 60)  # one of `running` is In Progress
+    (r1,) = await store.work.claim("w1", ["r"], 1, 60)  # one of `running` is In Progress
     await asyncio.sleep(0.05)
-    n, completed = await store.expire_overdue()
+    n, completed = await store.work.expire_overdue()
     assert (n, completed) == (4, [all_queued])
-    e = await store.get_generation("t1", old)
+    e = await store.generations.get("t1", old)
     assert (e.state, e.state_message) == (State.FAILED, "Expired") and e.finished_at is not None
-    assert (await store.get_generation("t1", fresh)).state is State.QUEUED
-    gq, _ = await store.get_group("t1", all_queued)
+    assert (await store.generations.get("t1", fresh)).state is State.QUEUED
+    gq, _ = await store.groups.get("t1", all_queued)
     assert gq.status is GroupStatus.EXPIRED and gq.completed_at is not None
-    gr, _ = await store.get_group("t1", running)
+    gr, _ = await store.groups.get("t1", running)
     assert gr.status is GroupStatus.EXPIRED and gr.completed_at is None
     assert (gr.counts.failed, gr.counts.in_progress) == (1, 1)
-    assert await store.finish("w1", [ok(r1.id)]) == [running]
-    assert (await store.get_group("t1", running))[0].status is GroupStatus.EXPIRED
-    assert await store.expire_overdue() == (0, [])
+    assert await store.work.finish("w1", [ok(r1.id)]) == [running]
+    assert (await store.groups.get("t1", running))[0].status is GroupStatus.EXPIRED
+    assert await store.work.expire_overdue() == (0, [])
 
 
 async def test_cancel_generation(store: Store) -> None:
     q, running = await submit(store), await submit(store)
-    c = await store.cancel_generation("t1", q)
+    c = await store.generations.cancel("t1", q)
     assert (c.state, c.state_message) == (State.FAILED, "Cancelled") and c.finished_at is not None
     assert await claim(store) == [running]
     with pytest.raises(Conflict):
-        await store.cancel_generation("t1", running)
+        await store.generations.cancel("t1", running)
     with pytest.raises(Conflict):
-        await store.cancel_generation("t1", q)  # finished
+        await store.generations.cancel("t1", q)  # finished
     with pytest.raises(NotFound):
-        await store.cancel_generation("t2", running)
-    assert (await store.get_generation("t1", running)).state is State.IN_PROGRESS
+        await store.generations.cancel("t2", running)
+    assert (await store.generations.get("t1", running)).state is State.IN_PROGRESS
 
 
 async def test_group_counts_and_submission_order(store: Store) -> None:
     items = [new(metadata={"custom_id": f"r-{i}"}) for i in range(5)]
-    rec = await store.submit_group(
+    rec = await store.groups.submit(
         "t1", Kind.CHAT, items, expiry_seconds=HOUR, metadata={"job": "ü"}, webhook_id="wh1"
     )
     assert (rec.size, rec.status, rec.counts.queued) == (5, GroupStatus.IN_PROGRESS, 5)
-    grp, gens = await store.get_group("t1", rec.id, with_generations=True)
+    grp, gens = await store.groups.get("t1", rec.id, with_generations=True)
     assert (grp.metadata, grp.webhook_id) == ({"job": "ü"}, "wh1")
     assert [g.request["metadata"]["custom_id"] for g in gens] == [f"r-{i}" for i in range(5)]
     assert [g.group_index for g in gens] == list(range(5))
     assert {g.group_id for g in gens} == {rec.id}
     ids = await claim(store, limit=3)
-    await store.finish("w1", [ok(ids[0]), Outcome(ids[1], State.FAILED, "x")])
-    grp, none = await store.get_group("t1", rec.id)
+    await store.work.finish("w1", [ok(ids[0]), Outcome(ids[1], State.FAILED, "x")])
+    grp, none = await store.groups.get("t1", rec.id)
     assert none == []
     c = grp.counts
     assert (c.queued, c.in_progress, c.success, c.failed) == (2, 1, 1, 1)
     with pytest.raises(NotFound):
-        await store.get_group("t2", rec.id)
+        await store.groups.get("t2", rec.id)
 
 
 async def test_group_completion_is_recorded_exactly_once(store: Store) -> None:
     gid = await group(store, 3)
     a, b, c = await claim(store)
-    assert await store.finish("w1", [ok(a)]) == []
-    assert await store.finish("w1", [Outcome(b, State.QUEUED, "retry")]) == []
-    assert await store.finish("w1", [Outcome(c, State.FAILED, "bad")]) == []
+    assert await store.work.finish("w1", [ok(a)]) == []
+    assert await store.work.finish("w1", [Outcome(b, State.QUEUED, "retry")]) == []
+    assert await store.work.finish("w1", [Outcome(c, State.FAILED, "bad")]) == []
     assert await claim(store) == [b]
-    assert await store.finish("w1", [ok(b)]) == [gid]
-    assert await store.finish("w1", [ok(a), ok(b), ok(c)]) == []
-    grp, _ = await store.get_group("t1", gid)
+    assert await store.work.finish("w1", [ok(b)]) == [gid]
+    assert await store.work.finish("w1", [ok(a), ok(b), ok(c)]) == []
+    grp, _ = await store.groups.get("t1", gid)
     assert grp.status is GroupStatus.COMPLETED and grp.completed_at is not None
     assert (grp.counts.success, grp.counts.failed) == (2, 1)
 
@@ -291,27 +297,27 @@ async def test_group_completion_is_recorded_exactly_once(store: Store) -> None:
 async def test_cancel_group(store: Store) -> None:
     gid = await group(store, 3)
     (running,) = await claim(store, limit=1)
-    grp = await store.cancel_group("t1", gid)
+    grp = await store.groups.cancel("t1", gid)
     assert grp.status is GroupStatus.CANCELLED and grp.completed_at is None
     assert (grp.counts.failed, grp.counts.in_progress) == (2, 1)
-    _, gens = await store.get_group("t1", gid, with_generations=True)
+    _, gens = await store.groups.get("t1", gid, with_generations=True)
     assert [g.state_message for g in gens if g.id != running] == ["Cancelled", "Cancelled"]
     with pytest.raises(Conflict):
-        await store.cancel_group("t1", gid)
+        await store.groups.cancel("t1", gid)
     with pytest.raises(NotFound):
-        await store.cancel_group("t2", gid)
-    assert await store.finish("w1", [ok(running)]) == [gid]
-    grp, _ = await store.get_group("t1", gid)
+        await store.groups.cancel("t2", gid)
+    assert await store.work.finish("w1", [ok(running)]) == [gid]
+    grp, _ = await store.groups.get("t1", gid)
     assert grp.status is GroupStatus.CANCELLED and grp.completed_at is not None
 
 
 async def test_cancelling_the_last_member_completes_the_group(store: Store) -> None:
     gid = await group(store, 2)
-    _, gens = await store.get_group("t1", gid, with_generations=True)
-    await store.cancel_generation("t1", gens[0].id)
-    assert (await store.get_group("t1", gid))[0].completed_at is None
-    await store.cancel_generation("t1", gens[1].id)
-    grp, _ = await store.get_group("t1", gid)
+    _, gens = await store.groups.get("t1", gid, with_generations=True)
+    await store.generations.cancel("t1", gens[0].id)
+    assert (await store.groups.get("t1", gid))[0].completed_at is None
+    await store.generations.cancel("t1", gens[1].id)
+    grp, _ = await store.groups.get("t1", gid)
     assert grp.status is GroupStatus.COMPLETED and grp.counts.failed == 2
 
 
@@ -320,45 +326,45 @@ def idem(key: str = "k1", h: str = "h1") -> Idempotency:
 
 
 async def test_idempotency_save_and_answer(store: Store) -> None:
-    assert await store.idempotent_answer("t1", "k1", HOUR) is None
-    await store.save_idempotent("t1", idem(), HOUR)
-    assert await store.idempotent_answer("t1", "k1", HOUR) == ("h1", 200, {"id": "x", "ü": [1]})
-    assert await store.idempotent_answer("t2", "k1", HOUR) is None
+    assert await store.idempotency.answer("t1", "k1", HOUR) is None
+    await store.idempotency.save("t1", idem(), HOUR)
+    assert await store.idempotency.answer("t1", "k1", HOUR) == ("h1", 200, {"id": "x", "ü": [1]})
+    assert await store.idempotency.answer("t2", "k1", HOUR) is None
     with pytest.raises(IdempotencyRace):
-        await store.save_idempotent("t1", idem(h="h2"), HOUR)
-    await store.save_idempotent("t2", idem(), HOUR)  # keys are per tenant
+        await store.idempotency.save("t1", idem(h="h2"), HOUR)
+    await store.idempotency.save("t2", idem(), HOUR)  # keys are per tenant
 
 
 async def test_idempotency_key_expires(store: Store) -> None:
-    await store.save_idempotent("t1", idem(), HOUR)
+    await store.idempotency.save("t1", idem(), HOUR)
     await asyncio.sleep(0.05)
-    assert await store.idempotent_answer("t1", "k1", 0.01) is None
-    await store.save_idempotent("t1", idem(h="h2"), 0.01)  # the stale one is replaced
-    assert (await store.idempotent_answer("t1", "k1", HOUR) or ("",))[0] == "h2"
+    assert await store.idempotency.answer("t1", "k1", 0.01) is None
+    await store.idempotency.save("t1", idem(h="h2"), 0.01)  # the stale one is replaced
+    assert (await store.idempotency.answer("t1", "k1", HOUR) or ("",))[0] == "h2"
 
 
 async def test_idempotency_race_stores_nothing(store: Store) -> None:
-    await store.submit("t1", new(), expiry_seconds=HOUR, idempotency=idem())
+    await store.generations.submit("t1", new(), expiry_seconds=HOUR, idempotency=idem())
     with pytest.raises(IdempotencyRace):
-        await store.submit("t1", new(), expiry_seconds=HOUR, idempotency=idem())
+        await store.generations.submit("t1", new(), expiry_seconds=HOUR, idempotency=idem())
     with pytest.raises(IdempotencyRace):
-        await store.submit_group("t1", Kind.CHAT, [new()], expiry_seconds=HOUR, idempotency=idem())
-    assert await store.count_by_state() == {"Queued": 1}
+        await store.groups.submit("t1", Kind.CHAT, [new()], expiry_seconds=HOUR, idempotency=idem())
+    assert await store.generations.count_by_state() == {"Queued": 1}
 
 
 async def test_api_keys(store: Store) -> None:
-    assert not await store.has_keys()
-    kid, key = await store.create_key("acme", name="ci")
-    assert await store.has_keys()
-    assert await store.tenant_for_key(key) == "acme"
-    assert await store.tenant_for_key(key + "x") is None
-    (listed,) = await store.list_keys()
+    assert not await store.keys.any_live()
+    kid, key = await store.keys.create("acme", name="ci")
+    assert await store.keys.any_live()
+    assert await store.keys.tenant_for(key) == "acme"
+    assert await store.keys.tenant_for(key + "x") is None
+    (listed,) = await store.keys.list()
     assert (listed["id"], listed["tenant"], listed["name"]) == (kid, "acme", "ci")
     assert key.startswith(listed["prefix"]) and key not in json.dumps(listed, default=str)
-    assert await store.revoke_key(kid)
-    assert not await store.revoke_key(kid)
-    assert await store.tenant_for_key(key) is None
-    assert not await store.has_keys()
+    assert await store.keys.revoke(kid)
+    assert not await store.keys.revoke(kid)
+    assert await store.keys.tenant_for(key) is None
+    assert not await store.keys.any_live()
 
 
 async def test_dispatched_at_is_utc_on_a_non_utc_postgres_server(pg_database: str) -> None:
@@ -369,8 +375,10 @@ async def test_dispatched_at_is_utc_on_a_non_utc_postgres_server(pg_database: st
             await conn.execute(sa.text(f"ALTER DATABASE \"{name}\" SET timezone TO 'Asia/Tokyo'"))
         s = Store(pg_database)  # new connections: TimeZone is Asia/Tokyo
         try:
-            rec: GenerationRecord = await s.submit("tz", new("tz-model"), expiry_seconds=HOUR)
-            (g,) = await s.claim("w", ["tz-model"], 1, 60)
+            rec: GenerationRecord = await s.generations.submit(
+                "tz", new("tz-model"), expiry_seconds=HOUR
+            )
+            (g,) = await s.work.claim("w", ["tz-model"], 1, 60)
             assert g.id == rec.id
             assert g.dispatched_at is not None
             assert abs(g.dispatched_at - rec.created_at) < timedelta(minutes=5)

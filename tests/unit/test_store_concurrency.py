@@ -41,22 +41,22 @@ async def test_concurrent_claimers_take_every_generation_exactly_once(
 ) -> None:
     submitted: set[str] = set()
     for start in range(0, 400, 50):  # 8 tenants' groups and singles, mixed
-        g = await store.submit_group(
+        g = await store.groups.submit(
             f"t{start % 3}",
             Kind.CHAT,
             [new(i) for i in range(start, start + 45)],
             expiry_seconds=HOUR,
         )
-        _, gens = await store.get_group(f"t{start % 3}", g.id, with_generations=True)
+        _, gens = await store.groups.get(f"t{start % 3}", g.id, with_generations=True)
         submitted.update(x.id for x in gens)
         for i in range(5):
-            submitted.add((await store.submit(f"s{i}", new(i), expiry_seconds=HOUR)).id)
+            submitted.add((await store.generations.submit(f"s{i}", new(i), expiry_seconds=HOUR)).id)
     assert len(submitted) == 400
 
     async def worker(s: Store, name: str) -> list[str]:
         taken: list[str] = []
         while True:
-            got = await s.claim(name, [M], 16, 60)
+            got = await s.work.claim(name, [M], 16, 60)
             if not got:
                 return taken
             assert len(got) <= 16
@@ -68,19 +68,19 @@ async def test_concurrent_claimers_take_every_generation_exactly_once(
     dupes = [gid for gid, n in Counter(every).items() if n > 1]
     assert dupes == []
     assert set(every) == submitted
-    assert await store.count_by_state() == {"In Progress": 400}
+    assert await store.generations.count_by_state() == {"In Progress": 400}
 
 
 async def test_group_completion_is_recorded_once_under_concurrency(
     store: Store, stores: Callable[[int], list[Store]]
 ) -> None:
-    grp = await store.submit_group(
+    grp = await store.groups.submit(
         "t1", Kind.CHAT, [new(i) for i in range(40)], expiry_seconds=HOUR
     )
     workers = stores(4)
     claimed: list[list[str]] = []
     for i, s in enumerate(workers):
-        claimed.append([g.id for g in await s.claim(f"w{i}", [M], 10, 60)])
+        claimed.append([g.id for g in await s.work.claim(f"w{i}", [M], 10, 60)])
     assert sorted(len(c) for c in claimed) == [10, 10, 10, 10]
 
     async def finish_all(s: Store, name: str, ids: list[str]) -> list[str]:
@@ -90,7 +90,7 @@ async def test_group_completion_is_recorded_once_under_concurrency(
                 Outcome(gid, State.SUCCESS if n % 4 else State.FAILED, "done", {"n": n})
                 for n, gid in enumerate(ids[k : k + 3])
             ]
-            completed.extend(await s.finish(name, outcomes))
+            completed.extend(await s.work.finish(name, outcomes))
             await asyncio.sleep(0)
         return completed
 
@@ -101,7 +101,7 @@ async def test_group_completion_is_recorded_once_under_concurrency(
         )
     )
     assert [gid for r in results for gid in r] == [grp.id]
-    g, _ = await store.get_group("t1", grp.id)
+    g, _ = await store.groups.get("t1", grp.id)
     assert g.status is GroupStatus.COMPLETED
     assert g.completed_at is not None
     assert g.counts.success + g.counts.failed == 40

@@ -10,16 +10,18 @@ from backburner.store import Store
 
 
 async def test_lost_leases_requeue_then_give_up(store: Store) -> None:
-    g = await store.submit("t", NewGeneration(Kind.CHAT, "m", {"model": "m"}), expiry_seconds=3600)
+    g = await store.generations.submit(
+        "t", NewGeneration(Kind.CHAT, "m", {"model": "m"}), expiry_seconds=3600
+    )
     for attempt in range(1, 4):
-        (claimed,) = await store.claim(f"w{attempt}", ["m"], 1, lease_seconds=0.01)
+        (claimed,) = await store.work.claim(f"w{attempt}", ["m"], 1, lease_seconds=0.01)
         assert claimed.attempts == attempt
         await asyncio.sleep(0.05)
-        assert await store.recover_lost(give_up_after=3) == 1
-        got = await store.get_generation("t", g.id)
+        assert await store.work.recover_lost(give_up_after=3) == 1
+        got = await store.generations.get("t", g.id)
         if attempt < 3:
             assert got.state is State.QUEUED
     assert got.state is State.FAILED
     assert "worker was lost" in got.state_message
     assert got.finished_at is not None
-    assert await store.recover_lost(give_up_after=3) == 0
+    assert await store.work.recover_lost(give_up_after=3) == 0

@@ -23,7 +23,7 @@ import uvicorn
 from standardwebhooks import Webhook
 
 from backburner.errors import InvalidRequest
-from backburner.webhooks import events
+from backburner.schemas import events
 from backburner.webhooks.delivery import (
     Attempt,
     Deliverer,

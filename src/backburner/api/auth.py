@@ -22,7 +22,7 @@ async def _keys_exist(st: AppState) -> bool:
         return True
     now = st.now()
     if now - st.keys_checked_at > NO_KEYS_RECHECK_SECONDS:
-        st.keys_exist = await st.store.has_keys()
+        st.keys_exist = await st.store.keys.any_live()
         st.keys_checked_at = now
     return st.keys_exist
 
@@ -43,7 +43,7 @@ async def tenant(request: Request, st: AppState = Depends(app_state)) -> str:
     if cached is not None and now - cached[1] < KEY_CACHE_SECONDS:
         found = cached[0]
     else:
-        found = await st.store.tenant_for_key(key)
+        found = await st.store.keys.tenant_for(key)
         if len(st.key_cache) > 10_000:
             st.key_cache.clear()
         st.key_cache[key] = (found, now)

@@ -1,14 +1,23 @@
-"""Reading request bodies: size-limited, JSON, with clear errors."""
+"""Reading request bodies: size-limited, JSON, with clear errors; and how a route that reads its
+body itself declares it in the OpenAPI document.
+
+Routes read the raw body rather than take a model in their signature: it is size-limited as it
+streams in, hashed as sent for ``Idempotency-Key``, stored exactly as sent (unknown fields and all),
+refused when it holds non-finite numbers, and checked together with what needs the server (served
+models, known webhooks) so that every problem is reported in one answer. The model that validates
+it is the one :func:`json_body` puts in the document.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 from fastapi import Request
+from pydantic import BaseModel
 
 from backburner.errors import InvalidRequest, PayloadTooLarge
+from backburner.schemas.validation import load_json
 
 
 async def read_raw(request: Request, max_bytes: int) -> bytes:
@@ -25,23 +34,43 @@ async def read_raw(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _no_constants(name: str) -> Any:
-    raise InvalidRequest(
-        f"the request body is not valid JSON: {name} is not a JSON number", param="body"
-    )
-
-
 async def read_json(request: Request, max_bytes: int) -> tuple[Any, bytes]:
+    """The body's JSON, exactly as sent, and its raw bytes."""
     raw = await read_raw(request, max_bytes)
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object", param="body")
     try:
-        return json.loads(raw, parse_constant=_no_constants), raw
-    except InvalidRequest:
-        raise
+        return load_json(raw), raw
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", param="body") from exc
 
 
 def body_hash(path: str, raw: bytes) -> str:
     return hashlib.sha256(path.encode() + b"\0" + raw).hexdigest()
+
+
+def inline_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` written in place: an operation's own schema cannot point
+    into the document's components (none of these models is recursive)."""
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        out = {k: resolve(v) for k, v in node.items() if k != "$ref"}
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return {**resolve(defs[ref.removeprefix("#/$defs/")]), **out}
+        return out
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+def json_body(model: type[BaseModel], media_type: str = "application/json") -> dict[str, Any]:
+    """``openapi_extra`` declaring ``model`` as the request body of a route that reads its body
+    itself (and validates it with ``model``)."""
+    schema = inline_schema(model.model_json_schema())
+    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}

@@ -1,8 +1,10 @@
-"""The one mapping from the error tree to HTTP status and the OpenAI error envelope."""
+"""The one mapping from the error tree to HTTP status and the OpenAI error envelope, and the
+error responses every route declares in the OpenAPI document."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,16 +12,44 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backburner.errors import BackburnerError, BackendError
-from backburner.schemas.validation import Problem, join_path
+from backburner.errors import BackburnerError, BackendError, InvalidRequest
+from backburner.schemas.error import ErrorEnvelope
+from backburner.schemas.validation import Problem, problems_from
 
 log = logging.getLogger("backburner.api")
+
+_SAID = {
+    400: "Invalid request: every problem at once, each naming its field by path"
+    " (`requests[3].messages`); `param` is the first one's",
+    401: "Missing or invalid API key (`Authorization: Bearer <key>`)",
+    404: "No such object (another tenant's objects are not found either)",
+    409: "Conflict: the Idempotency-Key was used with another body, or the object's state"
+    " does not allow this",
+    413: "The request body is larger than the limit",
+    502: "The inference backend failed",
+    503: "Not ready",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error answers of a route or router for its OpenAPI document: each is the envelope."""
+    return {code: {"model": ErrorEnvelope, "description": _SAID[code]} for code in codes}
+
+
+DEFAULT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "default": {
+        "model": ErrorEnvelope,
+        "description": "Any other error (5xx: a server or backend failure), as the same envelope",
+    }
+}
+"""Every router's. Declaring it also keeps FastAPI from documenting a 422, which this API never
+answers (bad input is a 400)."""
 
 
 def envelope(
     message: str, *, type_: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return ErrorEnvelope.of(message, type_=type_, param=param, code=code).model_dump()
 
 
 def error_response(exc: BackburnerError) -> JSONResponse:
@@ -35,16 +65,12 @@ def error_response(exc: BackburnerError) -> JSONResponse:
     )
 
 
-def problems_error(problems: list[Problem]) -> JSONResponse:
-    msg = "; ".join(str(p) for p in problems)
-    return JSONResponse(
-        envelope(
-            msg,
-            type_="invalid_request_error",
-            param=problems[0].param or None,
-            code="invalid_request",
-        ),
-        status_code=400,
+def invalid(problems: Sequence[Problem]) -> InvalidRequest:
+    """One 400 for every problem found: the message lists them all, ``param`` names the first."""
+    return InvalidRequest(
+        "; ".join(str(p) for p in problems) or "invalid request",
+        param=(problems[0].param or None) if problems else None,
+        code="invalid_request",
     )
 
 
@@ -57,14 +83,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = [
-            Problem(
-                join_path("", tuple(p for p in e["loc"] if p not in ("body", "query", "path"))),
-                e["msg"],
-            )
-            for e in exc.errors()
-        ]
-        return problems_error(problems or [Problem("", "invalid request")])
+        # FastAPI's locations start with where the value came from: "query", "path", "body"...
+        errors = [{**e, "loc": tuple(e["loc"])[1:]} for e in exc.errors()]
+        return error_response(invalid(problems_from(errors)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

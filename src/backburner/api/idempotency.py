@@ -30,7 +30,7 @@ class IdemKey:
 
 
 async def replay(st: AppState, tenant: str, key: IdemKey) -> JSONResponse | None:
-    found = await st.store.idempotent_answer(tenant, key.key, st.settings.idempotency_ttl_seconds)
+    found = await st.store.idempotency.answer(tenant, key.key, st.settings.idempotency_ttl_seconds)
     if found is None:
         return None
     request_hash, status_code, answer = found
@@ -65,7 +65,7 @@ async def once(
         answer = json.loads(bytes(result.body))
     else:
         answer = result
-    await st.store.save_idempotent(
+    await st.store.idempotency.save(
         tenant, key.with_answer(answer), st.settings.idempotency_ttl_seconds
     )
     return JSONResponse(answer)

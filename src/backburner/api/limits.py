@@ -1,11 +1,13 @@
 """Body size limit: a declared Content-Length over the limit is refused (413) before anything is
-read; a chunked body is counted as it streams in by :func:`backburner.api.bodies.read_json`."""
+read; a chunked body is counted as it streams in by :func:`backburner.api.bodies.read_raw`."""
 
 from __future__ import annotations
 
 import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from backburner.api.errors import envelope
 
 
 class BodyLimitMiddleware:
@@ -18,17 +20,11 @@ class BodyLimitMiddleware:
             for name, value in scope.get("headers", []):
                 if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                     body = json.dumps(
-                        {
-                            "error": {
-                                "message": (
-                                    "request body is larger than the limit of"
-                                    f" {self.max_bytes} bytes"
-                                ),
-                                "type": "invalid_request_error",
-                                "param": None,
-                                "code": "body_too_large",
-                            }
-                        }
+                        envelope(
+                            f"request body is larger than the limit of {self.max_bytes} bytes",
+                            type_="invalid_request_error",
+                            code="body_too_large",
+                        )
                     ).encode()
                     await send(
                         {

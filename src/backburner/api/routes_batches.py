@@ -5,128 +5,185 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import StreamingResponse
 
 from backburner.api import idempotency
 from backburner.api.auth import tenant
-from backburner.api.bodies import read_json
-from backburner.api.errors import problems_error
+from backburner.api.bodies import inline_schema, json_body, read_json
+from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
 from backburner.api.state import AppState, app_state
 from backburner.errors import InvalidRequest, NotFound
-from backburner.schemas.batch import BatchCreate
-from backburner.schemas.validation import Problem, join_path
+from backburner.schemas.batch import Batch, BatchCreate, BatchList, BatchRequestOutput
+from backburner.schemas.validation import check
 from backburner.webhooks.delivery import UrlGuard
 
 
-def batches_router() -> APIRouter:
-    r = APIRouter(prefix="/v1/batches", tags=["batches"])
+async def create(
+    request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+) -> Any:
+    payload, raw_bytes = await read_json(request, st.settings.max_body_bytes)
+    return await idempotency.once(st, t, request, raw_bytes, lambda: _create(payload, t, st))
 
-    @r.post("", summary="Create a batch from an uploaded JSONL file")
-    async def create(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        payload, raw_bytes = await read_json(request, st.settings.max_body_bytes)
-        return await idempotency.once(st, t, request, raw_bytes, lambda: _create(payload, t, st))
 
-    async def _create(raw: Any, t: str, st: AppState) -> Any:
-        try:
-            body = BatchCreate.model_validate(raw)
-        except ValidationError as exc:
-            problems = []
-            for e in exc.errors(include_url=False):
-                msg = e["msg"].removeprefix("Value error, ")
-                if e["type"] == "missing":
-                    msg = "is required"
-                elif e["type"] == "extra_forbidden":
-                    msg = "is not a batch field"
-                problems.append(Problem(join_path("", tuple(e["loc"][:1])), msg))
-            return problems_error(problems)
-        try:
-            f = await st.store.get_file(t, body.input_file_id)
-        except NotFound:
-            raise InvalidRequest(
-                f"input_file_id '{body.input_file_id}' is not a file of yours; upload one with"
-                " POST /v1/files (purpose=batch)",
-                param="input_file_id",
-            ) from None
-        if f.purpose != "batch":
-            raise InvalidRequest(
-                f"input file '{f.id}' has purpose '{f.purpose}'; a batch needs purpose 'batch'",
-                param="input_file_id",
-            )
-        if body.webhook_url:
-            await UrlGuard(deny_private=st.settings.deny_private_webhooks).check(body.webhook_url)
-        batch = await st.store.create_batch(t, body)
-        st.wake_batches()
-        return JSONResponse(batch.to_wire())
-
-    @r.get("", summary="List batches, newest first")
-    async def list_(
-        after: str | None = None,
-        limit: int = Query(20, ge=1, le=100),
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
-    ) -> Any:
-        rows = await st.store.list_batches(t, after=after, limit=limit + 1)
-        page = rows[:limit]
-        return {
-            "object": "list",
-            "data": [b.to_wire() for b in page],
-            "first_id": page[0].id if page else None,
-            "last_id": page[-1].id if page else None,
-            "has_more": len(rows) > limit,
-        }
-
-    @r.get("/{batch_id}", summary="Retrieve a batch")
-    async def get(
-        batch_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        return (await st.store.get_batch(t, batch_id)).to_wire()
-
-    @r.post("/{batch_id}/cancel", summary="Cancel a batch: queued requests stop")
-    async def cancel(
-        batch_id: str,
-        request: Request,
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
-    ) -> Any:
-        async def run() -> Any:
-            b = await st.store.cancel_batch(t, batch_id)
-            st.wake_batches()
-            return b.to_wire()
-
-        return await idempotency.once(st, t, request, b"", run)
-
-    @r.post("/{batch_id}/retry", summary="Queue a finished batch's failed requests again")
-    async def retry(
-        batch_id: str,
-        request: Request,
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
-    ) -> Any:
-        async def run() -> Any:
-            b = await st.store.retry_batch(t, batch_id)
-            st.wake_worker()
-            return b.to_wire()
-
-        return await idempotency.once(st, t, request, b"", run)
-
-    @r.get("/{batch_id}/results", summary="Results so far (partial while the batch runs)")
-    async def results(
-        batch_id: str,
-        type: Literal["output", "error"] = "output",
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
-    ) -> Any:
-        b = await st.store.get_batch(t, batch_id)
-        return StreamingResponse(
-            st.store.stream_batch_results(b.id, type),
-            media_type="application/jsonl",
-            headers={
-                "X-Backburner-Partial": "false" if b.terminal else "true",
-                "X-Backburner-Batch-Status": b.status,
-            },
+async def _create(payload: Any, t: str, st: AppState) -> dict[str, Any]:
+    body, problems = check(BatchCreate, payload)
+    if body is None:
+        raise invalid(problems)
+    try:
+        f = await st.store.files.get(t, body.input_file_id)
+    except NotFound:
+        raise InvalidRequest(
+            f"input_file_id '{body.input_file_id}' is not a file of yours; upload one with"
+            " POST /v1/files (purpose=batch)",
+            param="input_file_id",
+        ) from None
+    if f.purpose != "batch":
+        raise InvalidRequest(
+            f"input file '{f.id}' has purpose '{f.purpose}'; a batch needs purpose 'batch'",
+            param="input_file_id",
         )
+    if body.webhook_url:
+        await UrlGuard(deny_private=st.settings.deny_private_webhooks).check(body.webhook_url)
+    batch = await st.store.batches.create(t, body)
+    st.wake_batches()
+    return batch.to_wire()
 
+
+async def list_batches(
+    after: str | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    t: str = Depends(tenant),
+    st: AppState = Depends(app_state),
+) -> dict[str, Any]:
+    rows = await st.store.batches.list(t, after=after, limit=limit + 1)
+    page = rows[:limit]
+    return {
+        "object": "list",
+        "data": [b.to_wire() for b in page],
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(rows) > limit,
+    }
+
+
+async def get(
+    batch_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+) -> dict[str, Any]:
+    return (await st.store.batches.get(t, batch_id)).to_wire()
+
+
+async def cancel(
+    batch_id: str,
+    request: Request,
+    t: str = Depends(tenant),
+    st: AppState = Depends(app_state),
+) -> Any:
+    async def run() -> dict[str, Any]:
+        b = await st.store.batches.cancel(t, batch_id)
+        st.wake_batches()
+        return b.to_wire()
+
+    return await idempotency.once(st, t, request, b"", run)
+
+
+async def retry(
+    batch_id: str,
+    request: Request,
+    t: str = Depends(tenant),
+    st: AppState = Depends(app_state),
+) -> Any:
+    async def run() -> dict[str, Any]:
+        b = await st.store.batches.retry(t, batch_id)
+        st.wake_worker()
+        return b.to_wire()
+
+    return await idempotency.once(st, t, request, b"", run)
+
+
+async def results(
+    batch_id: str,
+    type: Literal["output", "error"] = "output",
+    t: str = Depends(tenant),
+    st: AppState = Depends(app_state),
+) -> StreamingResponse:
+    b = await st.store.batches.get(t, batch_id)
+    return StreamingResponse(
+        st.store.batches.results(b.id, type),
+        media_type="application/jsonl",
+        headers={
+            "X-Backburner-Partial": "false" if b.terminal else "true",
+            "X-Backburner-Batch-Status": b.status,
+        },
+    )
+
+
+def _result_lines() -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": "JSONL, one BatchRequestOutput a line, in input order; the headers"
+            " X-Backburner-Partial and X-Backburner-Batch-Status tell whether more will come",
+            "content": {
+                "application/jsonl": {
+                    "itemSchema": inline_schema(BatchRequestOutput.model_json_schema())
+                }
+            },
+        }
+    }
+
+
+def batches_router() -> APIRouter:
+    r = APIRouter(
+        prefix="/v1/batches",
+        tags=["batches"],
+        responses={**responses(401), **DEFAULT_RESPONSES},
+    )
+    r.add_api_route(
+        "",
+        create,
+        methods=["POST"],
+        summary="Create a batch from an uploaded JSONL file",
+        response_model=Batch,
+        responses=responses(400, 409, 413),
+        openapi_extra=json_body(BatchCreate),
+    )
+    r.add_api_route(
+        "",
+        list_batches,
+        methods=["GET"],
+        summary="List batches, newest first",
+        response_model=BatchList,
+        responses=responses(400),
+    )
+    r.add_api_route(
+        "/{batch_id}",
+        get,
+        methods=["GET"],
+        summary="Retrieve a batch",
+        response_model=Batch,
+        responses=responses(404),
+    )
+    r.add_api_route(
+        "/{batch_id}/cancel",
+        cancel,
+        methods=["POST"],
+        summary="Cancel a batch: queued requests stop",
+        response_model=Batch,
+        responses=responses(404, 409),
+    )
+    r.add_api_route(
+        "/{batch_id}/retry",
+        retry,
+        methods=["POST"],
+        summary="Queue a finished batch's failed requests again",
+        response_model=Batch,
+        responses=responses(404, 409),
+    )
+    r.add_api_route(
+        "/{batch_id}/results",
+        results,
+        methods=["GET"],
+        summary="Results so far (partial while the batch runs)",
+        response_class=StreamingResponse,
+        responses={**_result_lines(), **responses(400, 404)},
+    )
     return r

@@ -25,12 +25,21 @@ from starlette.requests import ClientDisconnect
 
 from backburner.api import idempotency
 from backburner.api.auth import tenant
-from backburner.api.bodies import body_hash
+from backburner.api.bodies import body_hash, json_body
+from backburner.api.errors import DEFAULT_RESPONSES, responses
 from backburner.api.state import AppState, app_state
 from backburner.core.clock import utcnow
 from backburner.core.ids import new_id
+from backburner.core.states import FileStatus
 from backburner.errors import BackburnerError, InvalidRequest, PayloadTooLarge
-from backburner.schemas.files import UPLOAD_PURPOSES, FileRecord
+from backburner.schemas.files import (
+    UPLOAD_PURPOSES,
+    FileDeleted,
+    FileList,
+    FileObject,
+    FileRecord,
+    FileUpload,
+)
 from backburner.store import IdempotencyRace
 from backburner.store.blobs import BlobNotFound, BlobReader, BlobWriter, LocalBlobStore
 
@@ -261,13 +270,35 @@ async def _stream(reader: BlobReader) -> AsyncIterator[bytes]:
         await reader.aclose()
 
 
-def files_router() -> APIRouter:
-    r = APIRouter(prefix="/v1/files", tags=["files"])
+CONTENT: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The file's bytes, streamed (a batch's output and error files: JSONL,"
+        " one BatchRequestOutput a line)",
+        "content": {
+            media: {"schema": {"type": "string", "format": "binary"}}
+            for media in ("application/jsonl", "application/octet-stream")
+        },
+    }
+}
 
-    @r.post("", summary="Upload a file (multipart: 'file', and 'purpose' = 'batch')")
+
+def files_router() -> APIRouter:
+    r = APIRouter(
+        prefix="/v1/files",
+        tags=["files"],
+        responses={**responses(401), **DEFAULT_RESPONSES},
+    )
+
+    @r.post(
+        "",
+        summary="Upload a file (multipart: 'file', and 'purpose' = 'batch')",
+        response_model=FileObject,
+        responses=responses(400, 409, 413),
+        openapi_extra=json_body(FileUpload, "multipart/form-data"),
+    )
     async def upload(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
+    ) -> JSONResponse:
         header = request.headers.get(idempotency.HEADER)
         if header is not None and not 0 < len(header) <= 255:
             raise InvalidRequest(
@@ -298,13 +329,13 @@ def files_router() -> APIRouter:
                 sha256=info.sha256,
                 blob=file_id,
                 batch_id=None,
-                status="processed",
+                status=FileStatus.PROCESSED,
                 created_at=now,
                 expires_at=None,
                 deleted_at=None,
             ).to_wire()
             try:
-                rec = await st.store.create_file(
+                rec = await st.store.files.create(
                     t,
                     file_id=file_id,
                     filename=up.filename,
@@ -320,13 +351,20 @@ def files_router() -> APIRouter:
             except IdempotencyRace:
                 assert key is not None
                 await blobs.delete(file_id)
-                return await idempotency.replay(st, t, key)
+                replayed = await idempotency.replay(st, t, key)
+                assert replayed is not None
+                return replayed
         except BaseException:
             await blobs.delete(file_id)
             raise
         return JSONResponse(rec.to_wire())
 
-    @r.get("", summary="List files, newest first (cursor: 'after' = the last id of a page)")
+    @r.get(
+        "",
+        summary="List files, newest first (cursor: 'after' = the last id of a page)",
+        response_model=FileList,
+        responses=responses(400),
+    )
     async def list_(
         purpose: str | None = None,
         limit: int = Query(MAX_LIST, ge=1, le=MAX_LIST),
@@ -334,8 +372,8 @@ def files_router() -> APIRouter:
         order: Literal["asc", "desc"] = "desc",
         t: str = Depends(tenant),
         st: AppState = Depends(app_state),
-    ) -> Any:
-        recs = await st.store.list_files(
+    ) -> dict[str, Any]:
+        recs = await st.store.files.list(
             t, purpose=purpose, after=after, limit=limit + 1, order=order
         )
         page = recs[:limit]
@@ -347,15 +385,27 @@ def files_router() -> APIRouter:
             "has_more": len(recs) > limit,
         }
 
-    @r.get("/{file_id}", summary="Retrieve a file's metadata")
-    async def get(file_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)) -> Any:
-        return (await st.store.get_file(t, file_id)).to_wire()
+    @r.get(
+        "/{file_id}",
+        summary="Retrieve a file's metadata",
+        response_model=FileObject,
+        responses=responses(404),
+    )
+    async def get(
+        file_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+    ) -> dict[str, Any]:
+        return (await st.store.files.get(t, file_id)).to_wire()
 
-    @r.get("/{file_id}/content", summary="Download a file's content (streamed)")
+    @r.get(
+        "/{file_id}/content",
+        summary="Download a file's content (streamed)",
+        response_class=StreamingResponse,
+        responses={**CONTENT, **responses(404)},
+    )
     async def content(
         file_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        rec = await st.store.get_file(t, file_id)
+    ) -> StreamingResponse:
+        rec = await st.store.files.get(t, file_id)
         media = "application/jsonl" if rec.filename.lower().endswith(".jsonl") else None
         headers = {"Content-Disposition": _disposition(rec.filename)}
         body: AsyncIterator[bytes]
@@ -374,16 +424,21 @@ def files_router() -> APIRouter:
             body = _stream(reader)
         else:
             # Batch output and error files are rendered from the database (store/batches.py).
-            body = st.store.render_batch_file(t, rec)
+            body = st.store.batches.render_file(t, rec)
         return StreamingResponse(
             body, media_type=media or "application/octet-stream", headers=headers
         )
 
-    @r.delete("/{file_id}", summary="Delete a file and its content")
+    @r.delete(
+        "/{file_id}",
+        summary="Delete a file and its content",
+        response_model=FileDeleted,
+        responses=responses(404),
+    )
     async def delete(
         file_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        rec = await st.store.delete_file(t, file_id)
+    ) -> dict[str, Any]:
+        rec = await st.store.files.delete(t, file_id)
         if rec.blob is not None:
             await blob_store(st).delete(rec.blob)
         return {"id": rec.id, "object": "file", "deleted": True}

@@ -9,24 +9,26 @@ from fastapi.responses import JSONResponse
 
 from backburner.api import idempotency
 from backburner.api.auth import tenant
-from backburner.api.bodies import read_json
-from backburner.api.errors import problems_error
+from backburner.api.bodies import json_body, read_json
+from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
 from backburner.api.routes_slow import new_generation
 from backburner.api.state import AppState, app_state
 from backburner.core.ids import new_id
 from backburner.core.states import Kind
+from backburner.schemas.generation import Group, GroupSubmitted, GroupWithGenerations
+from backburner.schemas.group import GROUP_REQUESTS
 from backburner.schemas.validation import Problem, validate_group
 from backburner.store import IdempotencyRace
 
 
-async def submit_group(kind: Kind, request: Request, tenant_id: str, st: AppState) -> Any:
+async def submit_group(kind: Kind, request: Request, tenant_id: str, st: AppState) -> JSONResponse:
     body, raw = await read_json(request, st.settings.max_body_bytes)
     key, replayed = await idempotency.begin(st, tenant_id, request, raw)
     if replayed is not None:
         return replayed
     problems, requests = validate_group(kind, body, st.router.models)
     webhook_id = body.get("webhook_id") if isinstance(body, dict) else None
-    if isinstance(webhook_id, str) and not await st.store.webhook_exists(tenant_id, webhook_id):
+    if isinstance(webhook_id, str) and not await st.store.webhooks.exists(tenant_id, webhook_id):
         problems.append(
             Problem(
                 "webhook_id",
@@ -34,11 +36,11 @@ async def submit_group(kind: Kind, request: Request, tenant_id: str, st: AppStat
             )
         )
     if problems:
-        return problems_error(problems)
+        raise invalid(problems)
     gid = new_id()
-    answer = {"groupId": gid, "groupSize": len(requests)}
+    answer = GroupSubmitted(groupId=gid, groupSize=len(requests)).model_dump()
     try:
-        await st.store.submit_group(
+        await st.store.groups.submit(
             tenant_id,
             kind,
             [new_generation(kind, r) for r in requests],
@@ -51,42 +53,83 @@ async def submit_group(kind: Kind, request: Request, tenant_id: str, st: AppStat
         )
     except IdempotencyRace:
         assert key is not None
-        return await idempotency.replay(st, tenant_id, key)
+        replayed = await idempotency.replay(st, tenant_id, key)
+        assert replayed is not None
+        return replayed
     st.metrics.submitted.labels(kind.value).inc(len(requests))
     st.wake_worker()
     return JSONResponse(answer)
 
 
-def group_router(prefix: str) -> APIRouter:
-    r = APIRouter(prefix=prefix + "/group", tags=["groups"])
+def _submit_route(kind: Kind) -> dict[str, Any]:
+    """What a group submission route declares: its body, the answer and its refusals."""
+    return {
+        "response_model": GroupSubmitted,
+        "responses": responses(400, 409, 413),
+        "openapi_extra": json_body(GROUP_REQUESTS[kind]),
+    }
 
-    @r.post("/chat/completions", summary="Submit 1 to 50 chat completions as one group")
+
+def group_router(prefix: str) -> APIRouter:
+    r = APIRouter(
+        prefix=prefix + "/group",
+        tags=["groups"],
+        responses={**responses(401), **DEFAULT_RESPONSES},
+    )
+
+    @r.post(
+        "/chat/completions",
+        summary="Submit 1 to 50 chat completions as one group",
+        **_submit_route(Kind.CHAT),
+    )
     async def group_chat(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
+    ) -> JSONResponse:
         return await submit_group(Kind.CHAT, request, t, st)
 
-    @r.post("/completions", summary="Submit 1 to 50 text completions as one group")
+    @r.post(
+        "/completions",
+        summary="Submit 1 to 50 text completions as one group",
+        **_submit_route(Kind.COMPLETION),
+    )
     async def group_completions(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
+    ) -> JSONResponse:
         return await submit_group(Kind.COMPLETION, request, t, st)
 
-    @r.get("/{group_id}/generations", summary="A group with every generation, in order")
+    @r.get(
+        "/{group_id}/generations",
+        summary="A group with every generation, in order",
+        response_model=GroupWithGenerations,
+        response_model_exclude_unset=True,
+        responses=responses(404),
+    )
     async def group_generations(
         group_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        group, gens = await st.store.get_group(t, group_id, with_generations=True)
-        return JSONResponse(group.to_wire(gens))
+    ) -> dict[str, Any]:
+        group, gens = await st.store.groups.get(t, group_id, with_generations=True)
+        return group.to_wire(gens)
 
-    @r.get("/{group_id}", summary="A group's summary")
+    @r.get(
+        "/{group_id}",
+        summary="A group's summary",
+        response_model=Group,
+        response_model_exclude_unset=True,
+        responses=responses(404),
+    )
     async def group_summary(
         group_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        group, _ = await st.store.get_group(t, group_id)
-        return JSONResponse(group.to_wire())
+    ) -> dict[str, Any]:
+        group, _ = await st.store.groups.get(t, group_id)
+        return group.to_wire()
 
-    @r.post("/{group_id}/cancel", summary="Cancel a group's queued generations")
+    @r.post(
+        "/{group_id}/cancel",
+        summary="Cancel a group's queued generations",
+        response_model=Group,
+        response_model_exclude_unset=True,
+        responses=responses(404, 409),
+    )
     async def group_cancel(
         group_id: str,
         request: Request,
@@ -94,7 +137,7 @@ def group_router(prefix: str) -> APIRouter:
         st: AppState = Depends(app_state),
     ) -> Any:
         async def run() -> Any:
-            return (await st.store.cancel_group(t, group_id)).to_wire()
+            return (await st.store.groups.cancel(t, group_id)).to_wire()
 
         return await idempotency.once(st, t, request, b"", run)
 

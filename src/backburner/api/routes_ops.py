@@ -9,18 +9,33 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backburner import __version__
+from backburner.api.errors import DEFAULT_RESPONSES
 from backburner.api.state import AppState, app_state
+from backburner.core.states import State
+from backburner.schemas.health import Health, Readiness
+
+PROMETHEUS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
 
 
 def ops_router() -> APIRouter:
-    r = APIRouter(tags=["operations"])
+    r = APIRouter(tags=["operations"], responses=DEFAULT_RESPONSES)
 
     @r.get("/healthz", summary="The process is up")
-    async def healthz() -> Any:
-        return {"status": "ok", "version": __version__}
+    async def healthz() -> Health:
+        return Health(status="ok", version=__version__)
 
-    @r.get("/readyz", summary="The store and every backend are reachable")
-    async def readyz(st: AppState = Depends(app_state)) -> Any:
+    @r.get(
+        "/readyz",
+        summary="The store and every backend are reachable",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "Not ready: what failed is named"}},
+    )
+    async def readyz(st: AppState = Depends(app_state)) -> JSONResponse:
         checks: dict[str, str] = {}
         ok = True
         try:
@@ -64,15 +79,15 @@ def ops_router() -> APIRouter:
             status_code=200 if ok else 503,
         )
 
-    @r.get("/metrics", summary="Prometheus metrics")
+    @r.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=PROMETHEUS)
     async def metrics(st: AppState = Depends(app_state)) -> Response:
         try:
-            counts = await st.store.count_by_state()
+            counts = await st.store.generations.count_by_state()
         except Exception:
             counts = None  # the store being down must not hide the process's own metrics
         if counts is not None:
-            for state in ("Queued", "In Progress", "Success", "Failed"):
-                st.metrics.generations.labels(state).set(counts.get(state, 0))
+            for state in State:
+                st.metrics.generations.labels(state.value).set(counts.get(state.value, 0))
         return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return r

@@ -9,17 +9,25 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
 from backburner.api import idempotency
 from backburner.api.auth import tenant
-from backburner.api.bodies import read_json
-from backburner.api.errors import problems_error
+from backburner.api.bodies import json_body, read_json
+from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
 from backburner.api.routes_slow import new_generation
 from backburner.api.state import AppState, app_state
 from backburner.core.clock import utcnow
 from backburner.core.states import Kind, State, StateMessage
 from backburner.errors import BackendError
+from backburner.schemas.openai import (
+    REQUESTS,
+    ChatCompletion,
+    Completion,
+    EmbeddingList,
+    ModelList,
+)
 from backburner.schemas.stream import fold_chunks
 from backburner.schemas.validation import validate_request
 
@@ -34,7 +42,9 @@ def _webhook_id(body: dict[str, Any]) -> str | None:
     return hook if isinstance(hook, str) else None
 
 
-async def _stream(st: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]) -> Any:
+async def _stream(
+    st: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]
+) -> StreamingResponse:
     started = utcnow()
     keep = _webhook_id(body) is not None  # then the folded answer is kept and announced
     chunks = st.router.stream_realtime(kind, body)
@@ -81,7 +91,7 @@ async def _record(
     response: dict[str, Any] | None,
     error: str | None,
 ) -> None:
-    await st.store.record_realtime(
+    await st.store.generations.record_realtime(
         tenant_id,
         new_generation(kind, body),
         state=State.FAILED if error is not None else State.SUCCESS,
@@ -110,11 +120,11 @@ async def _run_and_notify(
     return resp
 
 
-async def realtime(kind: Kind, request: Request, tenant_id: str, st: AppState) -> Any:
+async def realtime(kind: Kind, request: Request, tenant_id: str, st: AppState) -> Response:
     body, raw = await read_json(request, st.settings.max_body_bytes)
     problems = validate_request(kind, body, st.router.models, slow=False)
     if problems:
-        return problems_error(problems)
+        raise invalid(problems)
     started = time.perf_counter()
     status = "ok"
     try:
@@ -125,7 +135,7 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, st: AppState) -
             return replayed
         resp = await _run_and_notify(st, tenant_id, kind, body)
         if key is not None:
-            await st.store.save_idempotent(
+            await st.store.idempotency.save(
                 tenant_id, key.with_answer(resp), st.settings.idempotency_ttl_seconds
             )
         return JSONResponse(resp)
@@ -139,29 +149,72 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, st: AppState) -
         ).observe(time.perf_counter() - started)
 
 
-def realtime_router() -> APIRouter:
-    r = APIRouter(prefix="/v1", tags=["realtime"])
+SSE_EVENTS: dict[str, Any] = {
+    "text/event-stream": {
+        "itemSchema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": "One chunk as JSON (chat.completion.chunk or"
+                    " text_completion), an {error} if the engine fails mid-stream,"
+                    " and [DONE] last",
+                }
+            },
+        }
+    }
+}
 
-    @r.post("/chat/completions", summary="Chat completion, now (streaming with stream: true)")
+
+def _route(kind: Kind, answer: type[BaseModel], *, streams: bool) -> dict[str, Any]:
+    """What a realtime route declares: its body, its answer (and stream) and its refusals."""
+    said = responses(400, 409, 413, 502)
+    passes = "; an engine's own 4xx passes through with its status and body"
+    said[400] = {**said[400], "description": said[400]["description"] + passes}
+    if streams:
+        said[200] = {"description": "The answer; with stream: true, server-sent events"}
+        said[200]["content"] = SSE_EVENTS
+    return {"response_model": answer, "responses": said, "openapi_extra": json_body(REQUESTS[kind])}
+
+
+def realtime_router() -> APIRouter:
+    r = APIRouter(
+        prefix="/v1", tags=["realtime"], responses={**responses(401), **DEFAULT_RESPONSES}
+    )
+
+    @r.post(
+        "/chat/completions",
+        summary="Chat completion, now (streaming with stream: true)",
+        **_route(Kind.CHAT, ChatCompletion, streams=True),
+    )
     async def chat(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
+    ) -> Response:
         return await realtime(Kind.CHAT, request, t, st)
 
-    @r.post("/completions", summary="Text completion, now")
+    @r.post(
+        "/completions",
+        summary="Text completion, now (streaming with stream: true)",
+        **_route(Kind.COMPLETION, Completion, streams=True),
+    )
     async def completions(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
+    ) -> Response:
         return await realtime(Kind.COMPLETION, request, t, st)
 
-    @r.post("/embeddings", summary="Embeddings, now")
+    @r.post(
+        "/embeddings",
+        summary="Embeddings, now",
+        **_route(Kind.EMBEDDING, EmbeddingList, streams=False),
+    )
     async def embeddings(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
+    ) -> Response:
         return await realtime(Kind.EMBEDDING, request, t, st)
 
-    @r.get("/models", summary="Models served here")
-    async def models(t: str = Depends(tenant), st: AppState = Depends(app_state)) -> Any:
+    @r.get("/models", summary="Models served here", response_model=ModelList)
+    async def models(t: str = Depends(tenant), st: AppState = Depends(app_state)) -> dict[str, Any]:
         return {
             "object": "list",
             "data": [

@@ -9,12 +9,13 @@ from fastapi.responses import JSONResponse
 
 from backburner.api import idempotency
 from backburner.api.auth import tenant
-from backburner.api.bodies import read_json
-from backburner.api.errors import problems_error
+from backburner.api.bodies import json_body, read_json
+from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
 from backburner.api.state import AppState, app_state
 from backburner.core.ids import new_id
 from backburner.core.states import Kind
-from backburner.schemas.generation import NewGeneration
+from backburner.schemas.generation import Generation, NewGeneration
+from backburner.schemas.openai import SLOW_REQUESTS, GenerationSubmitted
 from backburner.schemas.validation import validate_request
 from backburner.store import IdempotencyRace
 
@@ -33,18 +34,18 @@ def new_generation(kind: Kind, body: dict[str, Any]) -> NewGeneration:
     )
 
 
-async def submit(kind: Kind, request: Request, tenant_id: str, st: AppState) -> Any:
+async def submit(kind: Kind, request: Request, tenant_id: str, st: AppState) -> JSONResponse:
     body, raw = await read_json(request, st.settings.max_body_bytes)
     key, replayed = await idempotency.begin(st, tenant_id, request, raw)
     if replayed is not None:
         return replayed
     problems = validate_request(kind, body, st.router.models)
     if problems:
-        return problems_error(problems)
+        raise invalid(problems)
     gid = new_id()
-    answer = {"id": gid, "object": "generation", "state": "Queued"}
+    answer = GenerationSubmitted(id=gid).model_dump()
     try:
-        await st.store.submit(
+        await st.store.generations.submit(
             tenant_id,
             new_generation(kind, body),
             expiry_seconds=st.settings.expiry_seconds,
@@ -54,46 +55,84 @@ async def submit(kind: Kind, request: Request, tenant_id: str, st: AppState) -> 
         )
     except IdempotencyRace:
         assert key is not None
-        return await idempotency.replay(st, tenant_id, key)
+        replayed = await idempotency.replay(st, tenant_id, key)
+        assert replayed is not None
+        return replayed
     st.metrics.submitted.labels(kind.value).inc()
     st.wake_worker()
     return JSONResponse(answer)
 
 
-def slow_router(prefix: str) -> APIRouter:
-    r = APIRouter(prefix=prefix, tags=["slow"])
+def _submit_route(kind: Kind) -> dict[str, Any]:
+    """What a submission route declares: the body of its kind, the answer and its refusals."""
+    return {
+        "response_model": GenerationSubmitted,
+        "responses": responses(400, 409, 413),
+        "openapi_extra": json_body(SLOW_REQUESTS[kind]),
+    }
 
-    @r.post("/chat/completions", summary="Submit one slow chat completion")
+
+def slow_router(prefix: str) -> APIRouter:
+    r = APIRouter(prefix=prefix, tags=["slow"], responses={**responses(401), **DEFAULT_RESPONSES})
+
+    @r.post(
+        "/chat/completions",
+        summary="Submit one slow chat completion",
+        **_submit_route(Kind.CHAT),
+    )
     async def slow_chat(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
+    ) -> JSONResponse:
         return await submit(Kind.CHAT, request, t, st)
 
-    @r.post("/completions", summary="Submit one slow text completion")
+    @r.post(
+        "/completions",
+        summary="Submit one slow text completion",
+        **_submit_route(Kind.COMPLETION),
+    )
     async def slow_completion(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
+    ) -> JSONResponse:
         return await submit(Kind.COMPLETION, request, t, st)
 
-    @r.post("/embeddings", summary="Submit one slow embeddings request")
+    @r.post(
+        "/embeddings",
+        summary="Submit one slow embeddings request",
+        **_submit_route(Kind.EMBEDDING),
+    )
     async def slow_embeddings(
         request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
+    ) -> JSONResponse:
         return await submit(Kind.EMBEDDING, request, t, st)
 
     return r
 
 
 def generation_router() -> APIRouter:
-    r = APIRouter(prefix="/v1/generation", tags=["generations"])
+    r = APIRouter(
+        prefix="/v1/generation",
+        tags=["generations"],
+        responses={**responses(401, 404), **DEFAULT_RESPONSES},
+    )
 
-    @r.get("/{generation_id}", summary="Retrieve a generation")
+    @r.get(
+        "/{generation_id}",
+        summary="Retrieve a generation",
+        response_model=Generation,
+        response_model_exclude_unset=True,
+    )
     async def get_generation(
         generation_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        return JSONResponse((await st.store.get_generation(t, generation_id)).to_wire())
+    ) -> dict[str, Any]:
+        return (await st.store.generations.get(t, generation_id)).to_wire()
 
-    @r.post("/{generation_id}/cancel", summary="Cancel a queued generation")
+    @r.post(
+        "/{generation_id}/cancel",
+        summary="Cancel a queued generation (it becomes Failed, 'Cancelled')",
+        response_model=Generation,
+        response_model_exclude_unset=True,
+        responses=responses(409),
+    )
     async def cancel_generation(
         generation_id: str,
         request: Request,
@@ -101,7 +140,7 @@ def generation_router() -> APIRouter:
         st: AppState = Depends(app_state),
     ) -> Any:
         async def run() -> Any:
-            return (await st.store.cancel_generation(t, generation_id)).to_wire()
+            return (await st.store.generations.cancel(t, generation_id)).to_wire()
 
         return await idempotency.once(st, t, request, b"", run)
 

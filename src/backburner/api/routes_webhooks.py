@@ -2,147 +2,207 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
 
 from backburner.api import idempotency
 from backburner.api.auth import tenant
-from backburner.api.bodies import read_json
-from backburner.api.errors import problems_error
+from backburner.api.bodies import json_body, read_json
+from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
 from backburner.api.state import AppState, app_state
-from backburner.schemas.validation import Problem, join_path
-from backburner.schemas.webhook import WebhookCreate, WebhookUpdate
+from backburner.core.states import EventState
+from backburner.schemas.events import EventName
+from backburner.schemas.validation import check
+from backburner.schemas.webhook import (
+    DeliveryAttemptList,
+    DeliveryQueued,
+    Webhook,
+    WebhookCreate,
+    WebhookCreated,
+    WebhookDeleted,
+    WebhookList,
+    WebhookUpdate,
+)
 from backburner.webhooks.delivery import UrlGuard
 from backburner.webhooks.signing import new_secret
 
-M = TypeVar("M", bound=BaseModel)
+
+def _guard(st: AppState) -> UrlGuard:
+    return UrlGuard(deny_private=st.settings.deny_private_webhooks)
 
 
-def _parse(body: Any, model: type[M]) -> M | JSONResponse:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        problems = []
-        for e in exc.errors(include_url=False):
-            msg = "is not allowed" if e["type"] == "extra_forbidden" else e["msg"]
-            if e["type"] == "missing":
-                msg = "is required"
-            problems.append(Problem(join_path("", tuple(e["loc"][:2])), msg))
-        return problems_error(problems)
+async def create(
+    request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+) -> Any:
+    payload, raw = await read_json(request, st.settings.max_body_bytes)
+
+    async def run() -> dict[str, Any]:
+        body, problems = check(WebhookCreate, payload)
+        if body is None:
+            raise invalid(problems)
+        await _guard(st).check(body.url)
+        rec = await st.store.webhooks.create(
+            t,
+            url=body.url,
+            secret=new_secret(),
+            name=body.name,
+            events=body.events,
+            enabled=body.enabled,
+        )
+        return rec.to_wire(with_secret=True)
+
+    return await idempotency.once(st, t, request, raw, run)
+
+
+async def list_webhooks(
+    t: str = Depends(tenant), st: AppState = Depends(app_state)
+) -> dict[str, Any]:
+    return {"object": "list", "data": [w.to_wire() for w in await st.store.webhooks.list(t)]}
+
+
+async def get(
+    webhook_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+) -> dict[str, Any]:
+    return (await st.store.webhooks.get(t, webhook_id)).to_wire()
+
+
+async def update(
+    webhook_id: str,
+    request: Request,
+    t: str = Depends(tenant),
+    st: AppState = Depends(app_state),
+) -> dict[str, Any]:
+    payload, _ = await read_json(request, st.settings.max_body_bytes)
+    body, problems = check(WebhookUpdate, payload)
+    if body is None:
+        raise invalid(problems)
+    await st.store.webhooks.get(t, webhook_id)  # 404 before validating the URL
+    changes = body.model_dump(exclude_unset=True)
+    if "url" in changes:
+        await _guard(st).check(changes["url"])
+    return (await st.store.webhooks.update(t, webhook_id, changes)).to_wire()
+
+
+async def delete(
+    webhook_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+) -> dict[str, Any]:
+    await st.store.webhooks.delete(t, webhook_id)
+    return {"id": webhook_id, "object": "webhook", "deleted": True}
+
+
+async def test(
+    webhook_id: str,
+    request: Request,
+    t: str = Depends(tenant),
+    st: AppState = Depends(app_state),
+) -> Any:
+    async def run() -> dict[str, Any]:
+        event_id = await st.store.outbox.enqueue_test(t, webhook_id)
+        st.wake_dispatcher()
+        return {
+            "id": event_id,
+            "object": "webhook.delivery",
+            "event": EventName.WEBHOOK_TEST.value,
+            "webhookId": webhook_id,
+            "state": EventState.PENDING.value,
+        }
+
+    return await idempotency.once(st, t, request, b"", run)
+
+
+async def deliveries(
+    webhook_id: str,
+    limit: int = 100,
+    t: str = Depends(tenant),
+    st: AppState = Depends(app_state),
+) -> dict[str, Any]:
+    limit = max(1, min(limit, 1000))
+    attempts = await st.store.outbox.attempts(t, webhook_id, limit)
+    return {"object": "list", "data": [a.to_wire() for a in attempts]}
+
+
+async def redeliver(
+    delivery_id: str,
+    request: Request,
+    t: str = Depends(tenant),
+    st: AppState = Depends(app_state),
+) -> Any:
+    async def run() -> dict[str, Any]:
+        event_id = await st.store.outbox.redeliver(t, delivery_id)
+        st.wake_dispatcher()
+        return {"id": event_id, "object": "webhook.delivery", "state": EventState.PENDING.value}
+
+    return await idempotency.once(st, t, request, b"", run)
 
 
 def webhooks_router() -> APIRouter:
-    r = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
-
-    def guard(st: AppState) -> UrlGuard:
-        return UrlGuard(deny_private=st.settings.deny_private_webhooks)
-
-    @r.post("", summary="Register a webhook; the answer holds its signing secret, once")
-    async def create(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        payload, raw = await read_json(request, st.settings.max_body_bytes)
-
-        async def run() -> Any:
-            body = _parse(payload, WebhookCreate)
-            if isinstance(body, JSONResponse):
-                return body
-            await guard(st).check(body.url)
-            rec = await st.store.create_webhook(
-                t,
-                url=body.url,
-                secret=new_secret(),
-                name=body.name,
-                events=body.events,
-                enabled=body.enabled,
-            )
-            return JSONResponse(rec.to_wire(with_secret=True))
-
-        return await idempotency.once(st, t, request, raw, run)
-
-    @r.get("", summary="List webhooks")
-    async def list_(t: str = Depends(tenant), st: AppState = Depends(app_state)) -> Any:
-        return {"object": "list", "data": [w.to_wire() for w in await st.store.list_webhooks(t)]}
-
-    @r.get("/{webhook_id}", summary="Retrieve a webhook")
-    async def get(
-        webhook_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        return (await st.store.get_webhook(t, webhook_id)).to_wire()
-
-    @r.patch("/{webhook_id}", summary="Change a webhook's url, name, events or enabled")
-    async def update(
-        webhook_id: str,
-        request: Request,
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
-    ) -> Any:
-        payload, _ = await read_json(request, st.settings.max_body_bytes)
-        body = _parse(payload, WebhookUpdate)
-        if isinstance(body, JSONResponse):
-            return body
-        await st.store.get_webhook(t, webhook_id)  # 404 before validating the URL
-        changes = body.model_dump(exclude_unset=True)
-        for key in ("url", "enabled"):
-            if key in changes and changes[key] is None:
-                return problems_error([Problem(key, "must not be null")])
-        if "url" in changes:
-            await guard(st).check(changes["url"])
-        return (await st.store.update_webhook(t, webhook_id, changes)).to_wire()
-
-    @r.delete("/{webhook_id}", summary="Delete a webhook")
-    async def delete(
-        webhook_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
-    ) -> Any:
-        await st.store.delete_webhook(t, webhook_id)
-        return {"id": webhook_id, "object": "webhook", "deleted": True}
-
-    @r.post("/{webhook_id}/test", summary="Send a webhook.test event")
-    async def test(
-        webhook_id: str,
-        request: Request,
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
-    ) -> Any:
-        async def run() -> Any:
-            event_id = await st.store.enqueue_test_event(t, webhook_id)
-            st.wake_dispatcher()
-            return {
-                "id": event_id,
-                "object": "webhook.delivery",
-                "event": "webhook.test",
-                "webhookId": webhook_id,
-                "state": "pending",
-            }
-
-        return await idempotency.once(st, t, request, b"", run)
-
-    @r.get("/{webhook_id}/deliveries", summary="The delivery log: every attempt")
-    async def deliveries(
-        webhook_id: str,
-        limit: int = 100,
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
-    ) -> Any:
-        limit = max(1, min(limit, 1000))
-        attempts = await st.store.list_attempts(t, webhook_id, limit)
-        return {"object": "list", "data": [a.to_wire() for a in attempts]}
-
-    @r.post("/deliveries/{delivery_id}/redeliver", summary="Deliver an event again")
-    async def redeliver(
-        delivery_id: str,
-        request: Request,
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
-    ) -> Any:
-        async def run() -> Any:
-            event_id = await st.store.redeliver(t, delivery_id)
-            st.wake_dispatcher()
-            return {"id": event_id, "object": "webhook.delivery", "state": "pending"}
-
-        return await idempotency.once(st, t, request, b"", run)
-
+    r = APIRouter(
+        prefix="/v1/webhooks",
+        tags=["webhooks"],
+        responses={**responses(401), **DEFAULT_RESPONSES},
+    )
+    r.add_api_route(
+        "",
+        create,
+        methods=["POST"],
+        summary="Register a webhook; the answer holds its signing secret, once",
+        response_model=WebhookCreated,
+        responses=responses(400, 409, 413),
+        openapi_extra=json_body(WebhookCreate),
+    )
+    r.add_api_route(
+        "", list_webhooks, methods=["GET"], summary="List webhooks", response_model=WebhookList
+    )
+    r.add_api_route(
+        "/{webhook_id}",
+        get,
+        methods=["GET"],
+        summary="Retrieve a webhook",
+        response_model=Webhook,
+        responses=responses(404),
+    )
+    r.add_api_route(
+        "/{webhook_id}",
+        update,
+        methods=["PATCH"],
+        summary="Change a webhook's url, name, events or enabled",
+        response_model=Webhook,
+        responses=responses(400, 404, 413),
+        openapi_extra=json_body(WebhookUpdate),
+    )
+    r.add_api_route(
+        "/{webhook_id}",
+        delete,
+        methods=["DELETE"],
+        summary="Delete a webhook",
+        response_model=WebhookDeleted,
+        responses=responses(404),
+    )
+    r.add_api_route(
+        "/{webhook_id}/test",
+        test,
+        methods=["POST"],
+        summary="Send a webhook.test event",
+        response_model=DeliveryQueued,
+        response_model_exclude_unset=True,
+        responses=responses(404, 409),
+    )
+    r.add_api_route(
+        "/{webhook_id}/deliveries",
+        deliveries,
+        methods=["GET"],
+        summary="The delivery log: every attempt",
+        response_model=DeliveryAttemptList,
+        responses=responses(400, 404),
+    )
+    r.add_api_route(
+        "/deliveries/{delivery_id}/redeliver",
+        redeliver,
+        methods=["POST"],
+        summary="Deliver an event again",
+        response_model=DeliveryQueued,
+        response_model_exclude_unset=True,
+        responses=responses(404, 409),
+    )
     return r

@@ -22,6 +22,7 @@ from typing import Any
 
 from backburner.core.clock import utcnow
 from backburner.core.ids import lease_owner_id, new_id
+from backburner.core.states import BATCH_RUNNING, BatchStatus, FileStatus
 from backburner.errors import BackburnerError
 from backburner.schemas.batch import (
     MAX_REPORTED_ERRORS,
@@ -102,7 +103,7 @@ class BatchRunner:
     async def run(self, *, burst: bool = False) -> None:
         while not self._stopping.is_set():
             try:
-                b = await self.store.claim_batch_work(self.id, self.lease_seconds)
+                b = await self.store.batch_runs.claim(self.id, self.lease_seconds)
             except Exception:
                 log.exception("claiming batch work failed")
                 b = None
@@ -119,19 +120,21 @@ class BatchRunner:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             with contextlib.suppress(Exception):
-                await self.store.renew_batch_lease(self.id, batch_id, self.lease_seconds)
+                await self.store.batch_runs.renew(self.id, batch_id, self.lease_seconds)
 
     async def _handle(self, b: BatchRecord) -> None:
         keeper = asyncio.create_task(self._keep_lease(b.id))
         try:
-            if b.status == "validating":
+            if b.status == BatchStatus.VALIDATING:
                 total = await self.validate(b)
-                if total is not None and await self.store.start_batch(self.id, b.id, total):
-                    b = await self.store.get_batch(b.tenant, b.id)
+                if total is not None and await self.store.batch_runs.start(self.id, b.id, total):
+                    b = await self.store.batches.get(b.tenant, b.id)
                     await self.load(b)
-            elif b.status in ("in_progress", "cancelling") and b.loaded < b.total:
+            elif b.status in BATCH_RUNNING and b.loaded < b.total:
                 await self.load(b)
-            elif b.status == "finalizing" or (b.status == "cancelling" and b.pending <= 0):
+            elif b.status == BatchStatus.FINALIZING or (
+                b.status == BatchStatus.CANCELLING and b.pending <= 0
+            ):
                 await self.finalize(b)
         except Exception:
             log.exception("batch %s: work failed; another try follows when the lease ends", b.id)
@@ -140,10 +143,10 @@ class BatchRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             with contextlib.suppress(Exception):
-                await self.store.release_batch(self.id, b.id)
+                await self.store.batch_runs.release(self.id, b.id)
 
     async def _lines(self, b: BatchRecord) -> AsyncIterator[tuple[int, bytes]]:
-        record = await self.store.get_file(b.tenant, b.input_file_id)
+        record = await self.store.files.get(b.tenant, b.input_file_id)
         if record.blob is None:
             raise BackburnerError(f"input file {b.input_file_id} has no content")
         reader = await self.blobs.open(record.blob)
@@ -197,7 +200,7 @@ class BatchRunner:
                         f" {len(errors)} are listed",
                     }
                 )
-            await self.store.fail_batch(self.id, b.id, wire)
+            await self.store.batch_runs.fail(self.id, b.id, wire)
             log.info("batch %s failed validation: %d bad lines", b.id, max(bad_lines, 1))
             return None
         return len(hashes)
@@ -246,7 +249,7 @@ class BatchRunner:
             await self._load_chunk(b, first, chunk)
 
     async def _load_chunk(self, b: BatchRecord, first: int, chunk: list[BatchLine]) -> bool:
-        return await self.store.load_batch_chunk(self.id, b, first, chunk, b.kind)
+        return await self.store.batch_runs.load_chunk(self.id, b, first, chunk, b.kind)
 
     async def finalize(self, b: BatchRecord) -> None:
         now = utcnow()
@@ -255,7 +258,7 @@ class BatchRunner:
             if count == 0:
                 continue
             fid = new_id()
-            info = await self.blobs.write(fid, self.store.stream_batch_results(b.id, kind))
+            info = await self.blobs.write(fid, self.store.batches.results(b.id, kind))
             made[kind] = {
                 "id": fid,
                 "tenant": b.tenant,
@@ -266,13 +269,13 @@ class BatchRunner:
                 "sha256": info.sha256,
                 "blob": fid,
                 "batch_id": b.id,
-                "status": "processed",
+                "status": FileStatus.PROCESSED.value,
                 "created_at": now,
                 "expires_at": None,
                 "deleted_at": None,
             }
         try:
-            await self.store.finalize_batch(self.id, b, made["output"], made["error"])
+            await self.store.batch_runs.finalize(self.id, b, made["output"], made["error"])
         except Exception:
             for f in made.values():
                 if f is not None:

@@ -84,6 +84,9 @@ class Worker:
     # ------------------------------------------------------------------ main
     async def run(self, *, burst: bool = False) -> None:
         """Run until :meth:`stop`; with ``burst`` return once nothing is claimable or running."""
+        if burst:  # a burst is a one-shot drain: a worker may run several in a row
+            self._stopping.clear()
+            self._beat_stop.clear()
         log.info("worker %s starting (backends: %s)", self.id, ", ".join(self.router.backends))
         writer = asyncio.create_task(self._writer(), name="bb-writer")
         beat = asyncio.create_task(self._heartbeat(), name="bb-heartbeat")
@@ -95,7 +98,7 @@ class Worker:
         ]
         try:
             if burst:
-                await self.store.recover_lost(
+                await self.store.work.recover_lost(
                     give_up_after=max(self.opts.max_lost_leases, self.opts.max_attempts)
                 )
                 await asyncio.gather(*loops)
@@ -120,7 +123,7 @@ class Worker:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
             if self._held:
-                released = await self.store.release(self.id, sorted(self._held))
+                released = await self.store.work.release(self.id, sorted(self._held))
                 log.info("worker %s released %d unfinished generations", self.id, released)
                 self._held.clear()
 
@@ -140,13 +143,14 @@ class Worker:
         lane = self.router.lanes[name]
         models = self.router.models_by_backend[name]
         self._idle[name] = False
+        settled = False
         while not self._stopping.is_set():
             if lane.free_for_background() == 0:
                 await lane.wait_background_capacity(self.opts.poll_interval)
                 continue
             n = lane.take_background(self.opts.claim_batch)
             try:
-                claimed = await self.store.claim(self.id, models, n, self.opts.lease_seconds)
+                claimed = await self.store.work.claim(self.id, models, n, self.opts.lease_seconds)
             except Exception:
                 lane.release_background(n)
                 log.exception("claim failed; retrying")
@@ -160,15 +164,20 @@ class Worker:
                 self._inflight[g.id] = task
             if claimed:
                 self._idle[name] = False
+                settled = False
                 continue
             if burst:
                 self._idle[name] = True
-                # wait for running work (whose retries may become claimable) before giving up
-                if self._everyone_idle():
+                # running work may still write retries that are claimable now: return only
+                # after a claim that found nothing once every outcome was written
+                if not self._everyone_idle():
+                    settled = False
+                    await asyncio.sleep(0.01)
+                elif settled:
+                    return
+                else:
                     await self._results.join()
-                    if self._everyone_idle():
-                        return
-                await asyncio.sleep(0.01)
+                    settled = True
                 continue
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
@@ -235,7 +244,7 @@ class Worker:
         delay = 0.1
         while True:
             try:
-                completed = await self.store.finish(self.id, batch)
+                completed = await self.store.work.finish(self.id, batch)
                 break
             except asyncio.CancelledError:
                 raise
@@ -264,15 +273,17 @@ class Worker:
                 await asyncio.wait_for(self._beat_stop.wait(), interval)
             if self._held and not self._beat_stop.is_set():
                 try:
-                    await self.store.heartbeat(self.id, sorted(self._held), self.opts.lease_seconds)
+                    await self.store.work.heartbeat(
+                        self.id, sorted(self._held), self.opts.lease_seconds
+                    )
                 except Exception:
                     log.exception("heartbeat failed")
 
     async def maintain_once(self) -> tuple[int, int]:
-        recovered = await self.store.recover_lost(
+        recovered = await self.store.work.recover_lost(
             give_up_after=max(self.opts.max_lost_leases, self.opts.max_attempts)
         )
-        expired, completed = await self.store.expire_overdue()
+        expired, completed = await self.store.work.expire_overdue()
         if completed and self.on_groups_completed is not None:
             await self.on_groups_completed(completed)
         if expired and self.after_write is not None:

@@ -1,18 +1,17 @@
-"""OpenAI Batch objects and batch input lines, as OpenAI's Batch API defines them."""
+"""OpenAI Batch objects and batch input and output lines, as OpenAI's Batch API defines them."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backburner.core.clock import epoch
 from backburner.core.states import Kind
-from backburner.schemas.validation import validate_request
+from backburner.schemas.validation import Problem, check, load_json, validate_request
 
 ENDPOINTS: dict[str, Kind] = {
     "/v1/chat/completions": Kind.CHAT,
@@ -35,6 +34,8 @@ MAX_REPORTED_ERRORS = 100
 
 
 class BatchCreate(BaseModel):
+    """``POST /v1/batches``."""
+
     model_config = ConfigDict(extra="forbid")
 
     input_file_id: str = Field(min_length=1)
@@ -128,6 +129,136 @@ class BatchRecord:
         }
 
 
+class BatchRequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchLineError(BaseModel):
+    """A problem found while validating the input file (``line`` is 1-based; null: the file)."""
+
+    code: str
+    message: str
+    param: str | None
+    line: int | None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"]
+    data: list[BatchLineError]
+
+
+class Batch(BaseModel):
+    """OpenAI's Batch object (timestamps in epoch seconds)."""
+
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    errors: BatchErrors | None
+    input_file_id: str
+    completion_window: str
+    status: Literal[
+        "validating",
+        "failed",
+        "in_progress",
+        "finalizing",
+        "completed",
+        "expired",
+        "cancelling",
+        "cancelled",
+    ]
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int | None
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    request_counts: BatchRequestCounts
+    metadata: dict[str, str] | None
+    webhook_url: str | None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"]
+    data: list[Batch]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+# ---------------------------------------------------------------- input and output lines
+
+
+class BatchRequestInput(BaseModel):
+    """One line of a batch input file. ``body`` is checked as a request of the batch's endpoint
+    (its kind is the batch's, not the line's): see :func:`parse_line`."""
+
+    model_config = ConfigDict(extra="forbid")
+    hints: ClassVar[dict[str, str]] = {
+        "custom_id": "a non-empty string of at most 512 characters, unique in the file",
+    }
+
+    custom_id: Annotated[str, Field(min_length=1, max_length=512)]
+    method: Literal["POST"]
+    url: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] | None = None
+    """May be omitted: the kind is then read from the body (messages, prompt or input)."""
+    body: dict[str, Any]
+
+
+class BatchResponseData(BaseModel):
+    status_code: int
+    request_id: str
+    body: dict[str, Any]
+    """The engine's answer, as the realtime route would have answered it."""
+
+
+class BatchRequestError(BaseModel):
+    code: str
+    message: str
+
+
+class BatchRequestOutput(BaseModel):
+    """One line of a batch's output file (``response`` set, ``error`` null) or error file
+    (``response`` null, ``error`` set)."""
+
+    id: str
+    custom_id: str | None
+    response: BatchResponseData | None
+    error: BatchRequestError | None
+
+    @classmethod
+    def success(
+        cls, generation_id: str, custom_id: str | None, body: dict[str, Any]
+    ) -> BatchRequestOutput:
+        return cls(
+            id=f"batch_req_{generation_id}",
+            custom_id=custom_id,
+            response=BatchResponseData(status_code=200, request_id=generation_id, body=body),
+            error=None,
+        )
+
+    @classmethod
+    def failure(
+        cls, generation_id: str, custom_id: str | None, code: str, message: str
+    ) -> BatchRequestOutput:
+        return cls(
+            id=f"batch_req_{generation_id}",
+            custom_id=custom_id,
+            response=None,
+            error=BatchRequestError(code=code, message=message),
+        )
+
+    def to_line(self) -> bytes:
+        """The JSONL line: compact, UTF-8, newline-terminated."""
+        return self.model_dump_json().encode() + b"\n"
+
+
 @dataclass(frozen=True, slots=True)
 class LineError:
     line: int
@@ -158,69 +289,29 @@ def _infer_kind(body: dict[str, Any]) -> Kind | None:
 def parse_line(
     lineno: int, raw: bytes, endpoint: str, known_models: Collection[str]
 ) -> BatchLine | list[LineError]:
-    """One input line: ``{"custom_id", "method": "POST", "url"?, "body"}``, checked completely."""
+    """One input line (:class:`BatchRequestInput`), checked completely: every problem of the line,
+    its body checked as the batch's endpoint would check it."""
     try:
-        obj = json.loads(raw)
+        obj = load_json(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return [LineError(lineno, f"line {lineno} is not valid JSON: {exc}")]
-    if not isinstance(obj, dict):
-        return [LineError(lineno, f"line {lineno} must be a JSON object")]
-    errs: list[LineError] = []
-    custom_id = obj.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        errs.append(
-            LineError(
-                lineno,
-                f"line {lineno}: custom_id is required (a non-empty string, unique in the file)",
-                "custom_id",
-            )
-        )
-    elif len(custom_id) > 512:
-        errs.append(
-            LineError(
-                lineno, f"line {lineno}: custom_id is longer than 512 characters", "custom_id"
-            )
-        )
-    if obj.get("method") != "POST":
-        errs.append(LineError(lineno, f'line {lineno}: method must be "POST"', "method"))
-    body = obj.get("body")
-    if not isinstance(body, dict):
-        errs.append(LineError(lineno, f"line {lineno}: body must be a JSON object", "body"))
-        return errs
-    url = obj.get("url")
-    want = ENDPOINTS[endpoint]
-    if url is not None:
-        if url != endpoint:
-            errs.append(
-                LineError(
-                    lineno,
-                    f"line {lineno}: url '{url}' does not match the batch's endpoint '{endpoint}'",
+    line, problems = check(BatchRequestInput, obj, root="")
+    body = obj.get("body") if isinstance(obj, dict) else None
+    if isinstance(body, dict):
+        want = ENDPOINTS[endpoint]
+        url = obj.get("url")
+        if url is None and _infer_kind(body) is not want:
+            problems.append(
+                Problem(
                     "url",
+                    f"is omitted and the body does not look like a request for '{endpoint}'",
                 )
             )
-    else:
-        inferred = _infer_kind(body)
-        if inferred is not want:
-            errs.append(
-                LineError(
-                    lineno,
-                    f"line {lineno}: url is omitted and the body does not"
-                    f" look like a request for '{endpoint}'",
-                    "url",
-                )
+        elif isinstance(url, str) and url in ENDPOINTS and url != endpoint:
+            problems.append(
+                Problem("url", f"'{url}' does not match the batch's endpoint '{endpoint}'")
             )
-    for p in validate_request(want, body, known_models, prefix="body"):
-        errs.append(LineError(lineno, f"line {lineno}: {p}", p.param))
-    extra = set(obj) - {"custom_id", "method", "url", "body"}
-    if extra:
-        errs.append(
-            LineError(
-                lineno,
-                f"line {lineno}: unknown keys {sorted(extra)}; allowed:"
-                " custom_id, method, url, body",
-            )
-        )
-    if errs:
-        return errs
-    assert isinstance(custom_id, str)
-    return BatchLine(custom_id, body)
+        problems.extend(validate_request(want, body, known_models, prefix="body"))
+    if problems or line is None:
+        return [LineError(lineno, f"line {lineno}: {p}", p.param or None) for p in problems]
+    return BatchLine(line.custom_id, body if isinstance(body, dict) else line.body)

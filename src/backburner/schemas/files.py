@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from backburner.core.clock import epoch
 
@@ -43,3 +45,39 @@ class FileRecord:
             "expires_at": epoch(self.expires_at) if self.expires_at is not None else None,
             "status_details": None,
         }
+
+
+class FileUpload(BaseModel):
+    """``POST /v1/files``, sent as multipart/form-data (read as it streams in)."""
+
+    file: bytes
+    """The JSONL file: one batch request a line."""
+    purpose: Literal["batch"]
+
+
+class FileObject(BaseModel):
+    """OpenAI's File object (timestamps in epoch seconds)."""
+
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    expires_at: int | None
+    status_details: str | None
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from backburner.core.clock import iso
 from backburner.core.states import GroupStatus, Kind, State
@@ -127,5 +128,74 @@ class GroupRecord:
 
 
 class GroupSubmitted(BaseModel):
+    """The answer to a group submission *(compat: camelCase)*."""
+
     groupId: str
     groupSize: int
+
+
+# ---------------------------------------------------------------- on the wire
+# Keys that are absent until they apply (never null) default to None, hidden from the schema;
+# routes answer with ``response_model_exclude_unset`` so they stay absent.
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def absent() -> Any:
+    """A key that is absent (never null) until it applies."""
+    return Field(default=None, json_schema_extra=_no_default)
+
+
+StateName = Literal["Queued", "In Progress", "Success", "Failed"]
+
+
+class Generation(BaseModel):
+    """A generation *(compat: names, casing, state strings)*."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    id: str
+    object: Literal["generation"]
+    state: StateName
+    stateMessage: str
+    request: dict[str, Any]
+    """The original body, metadata included, exactly as sent."""
+    response: dict[str, Any] | SkipJsonSchema[None] = absent()
+    """The engine's answer: present only on Success, never null."""
+    createdAt: str
+    dispatchedAt: str | SkipJsonSchema[None] = absent()
+    finishedAt: str | SkipJsonSchema[None] = absent()
+    model: str
+    attempts: int
+    groupId: str | SkipJsonSchema[None] = absent()
+    batchId: str | SkipJsonSchema[None] = absent()
+
+
+class StateCounts(BaseModel):
+    queued: int
+    inProgress: int
+    success: int
+    failed: int
+
+
+class Group(BaseModel):
+    """A group's summary."""
+
+    groupId: str
+    object: Literal["group"]
+    groupSize: int
+    status: Literal["in_progress", "completed", "cancelled", "expired"]
+    counts: StateCounts
+    createdAt: str
+    expiresAt: str
+    metadata: dict[str, Any] | SkipJsonSchema[None] = absent()
+    webhook_id: str | SkipJsonSchema[None] = absent()
+    completedAt: str | SkipJsonSchema[None] = absent()
+
+
+class GroupWithGenerations(Group):
+    """A group and every one of its ``groupSize`` generations, in submission order."""
+
+    generations: list[Generation]

@@ -1,18 +1,39 @@
-"""OpenAI request bodies, validated as a single route validates them.
+"""OpenAI request bodies, validated as a single route validates them, and the answers.
 
 Unknown extra fields are allowed and passed on untouched; the stored request is always the body
-exactly as sent, never a re-serialisation of these models.
+exactly as sent, never a re-serialisation of these models. The ``Slow*`` variants are the bodies of
+the slow lane (and of groups and batch lines): the same, except that ``stream`` must be false.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from backburner.core.states import Kind
+
+
+def wrong_kind(kind: Kind, body: dict[str, Any]) -> str | None:
+    """Why ``body`` is a request of another kind than ``kind``, or None."""
+    if kind is Kind.CHAT and "prompt" in body:
+        return (
+            "has 'prompt', which belongs to a completions request; chat"
+            " completion requests need 'messages'"
+        )
+    if kind is Kind.COMPLETION and "messages" in body:
+        return (
+            "has 'messages', which belongs to a chat completions request;"
+            " completions requests need 'prompt'"
+        )
+    if kind is not Kind.EMBEDDING and "input" in body and not {"messages", "prompt"} & set(body):
+        return "has 'input', which belongs to an embeddings request"
+    return None
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
+    kind: ClassVar[Kind]
 
     model: Annotated[str, Field(min_length=1)]
     metadata: dict[str, Any] | None = None
@@ -24,6 +45,15 @@ class _Body(BaseModel):
         if v is not None and "webhook_id" in v and not isinstance(v["webhook_id"], str):
             raise ValueError("metadata.webhook_id must be a string")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _right_kind(cls, data: Any) -> Any:
+        """A body of another kind gets that one problem, not a list of what it lacks."""
+        why = wrong_kind(cls.kind, data) if isinstance(data, dict) else None
+        if why is not None:
+            raise ValueError(why)
+        return data
 
 
 class _Sampling(_Body):
@@ -55,16 +85,22 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    kind = Kind.CHAT
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
+    kind = Kind.COMPLETION
+
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
 
 class EmbeddingRequest(_Body):
+    kind = Kind.EMBEDDING
+
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: Annotated[int, Field(ge=1)] | None = None
@@ -79,9 +115,89 @@ class EmbeddingRequest(_Body):
         return v
 
 
+NO_STREAM = "streaming is not supported on slow routes; omit 'stream' or set it to false"
+
+
+def _no_stream(v: Any) -> Any:
+    if v not in (None, False):
+        raise ValueError(NO_STREAM)
+    return v
+
+
+class SlowChatCompletionRequest(ChatCompletionRequest):
+    stream: Literal[False] | None = None
+
+    _stream = field_validator("stream", mode="before")(_no_stream)
+
+
+class SlowCompletionRequest(CompletionRequest):
+    stream: Literal[False] | None = None
+
+    _stream = field_validator("stream", mode="before")(_no_stream)
+
+
+class SlowEmbeddingRequest(EmbeddingRequest):
+    stream: Literal[False] | None = None
+
+    _stream = field_validator("stream", mode="before")(_no_stream)
+
+
+REQUESTS: dict[Kind, type[_Body]] = {
+    Kind.CHAT: ChatCompletionRequest,
+    Kind.COMPLETION: CompletionRequest,
+    Kind.EMBEDDING: EmbeddingRequest,
+}
+SLOW_REQUESTS: dict[Kind, type[_Body]] = {
+    Kind.CHAT: SlowChatCompletionRequest,
+    Kind.COMPLETION: SlowCompletionRequest,
+    Kind.EMBEDDING: SlowEmbeddingRequest,
+}
+
+
 class GenerationSubmitted(BaseModel):
-    """The answer to a slow submission."""
+    """The answer to a slow submission *(compat)*."""
 
     id: str
     object: Literal["generation"] = "generation"
-    state: str = "Queued"
+    state: Literal["Queued"] = "Queued"
+
+
+# ---------------------------------------------------------------- realtime answers
+
+
+class _Answer(BaseModel):
+    """An engine's answer, passed through unchanged: only the fields clients rely on are named."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    created: int | None = None
+    model: str
+    usage: dict[str, Any] | None = None
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"]
+    choices: list[dict[str, Any]]
+
+
+class Completion(_Answer):
+    object: Literal["text_completion"]
+    choices: list[dict[str, Any]]
+
+
+class EmbeddingList(_Answer):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelObject]

@@ -1,34 +1,28 @@
-"""Validation of request bodies, shared by single, group (and later batch) submission.
+"""Validation of request bodies, shared by single, group and batch submission.
 
 Returns every problem found (not just the first), each naming its field by path, e.g.
-``messages[0].role`` or, inside a group, ``requests[3].messages``.
+``messages[0].role`` or, inside a group, ``requests[3].messages``. :func:`problems_from` is the
+one translation of pydantic's errors into problems, whoever raised them: a model here, a batch
+line, or FastAPI checking a route's parameters.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection
+import json
+import math
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from backburner.core.states import Kind
-from backburner.schemas.openai import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from backburner.schemas.group import GROUP_REQUESTS
+from backburner.schemas.group import MAX_GROUP_SIZE as MAX_GROUP_SIZE
+from backburner.schemas.openai import REQUESTS, SLOW_REQUESTS
 
-MAX_GROUP_SIZE = 50
-GROUP_KEYS = ("requests", "webhook_id", "metadata")
-
-MODELS: dict[Kind, type[BaseModel]] = {
-    Kind.CHAT: ChatCompletionRequest,
-    Kind.COMPLETION: CompletionRequest,
-    Kind.EMBEDDING: EmbeddingRequest,
-}
-ROUTE_NAMES = {
-    Kind.CHAT: "chat completions",
-    Kind.COMPLETION: "completions",
-    Kind.EMBEDDING: "embeddings",
-}
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -60,45 +54,120 @@ def _is_type_tag(part: int | str) -> bool:
     )
 
 
-def _pydantic_problems(exc: ValidationError, prefix: str) -> list[Problem]:
-    problems = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not _is_type_tag(p))
-        msg = err["msg"]
-        if err["type"] == "missing":
-            msg = "is required"
-        elif err["type"] == "literal_error":
-            msg = f"must be one of {err.get('ctx', {}).get('expected', '')}"
-        problems.append(Problem(join_path(prefix, loc), msg))
-    # one problem per path (union types report each branch)
+# ---------------------------------------------------------------------------- JSON
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large for a number")
+    return value
+
+
+def load_json(raw: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: NaN, Infinity and numbers too large for a float are refused
+    (``ValueError``), as nothing downstream could store or send them."""
+    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+
+
+# ---------------------------------------------------------------------------- pydantic errors
+
+_WORDS = {
+    "missing": "is required",
+    "dict_type": "must be a JSON object",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "list_type": "must be a list",
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+}
+
+
+def _words(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    if kind in _WORDS:
+        return _WORDS[kind]
+    if kind == "literal_error":
+        return f"must be one of {err.get('ctx', {}).get('expected', '')}"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _unknown(key: str, allowed: list[str], hint: str | None) -> str:
+    if hint:
+        return f"unknown field; {hint}"
+    near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.75)
+    said = f"; did you mean {near[0]}?" if near else ";"
+    return f"unknown field{said} allowed fields: {', '.join(allowed)}"
+
+
+def problems_from(
+    errors: Iterable[Mapping[str, Any]],
+    *,
+    model: type[BaseModel] | None = None,
+    prefix: str = "",
+    root: str = "body",
+) -> list[Problem]:
+    """Pydantic's errors (``ValidationError.errors()``) as problems, one per path.
+
+    A path is written ``requests[3].messages``, under ``prefix``; an error about the value as a
+    whole is named ``prefix``, or ``root`` without one. ``model`` (the model that was validated)
+    adds the allowed fields to an unknown top-level key, a "did you mean" for a near miss, and the
+    model's ``hints`` (a ``{top-level key: words}`` class attribute) after a problem at that key.
+    """
+    hints: Mapping[str, str] = getattr(model, "hints", {}) if model is not None else {}
+    allowed = list(model.model_fields) if model is not None else []
     seen: dict[str, Problem] = {}
-    for p in problems:
-        seen.setdefault(p.param, p)
+    for err in errors:
+        loc = tuple(p for p in err["loc"] if not _is_type_tag(p))
+        key = str(loc[0]) if loc else ""
+        if err["type"] == "extra_forbidden":
+            words = _unknown(key, allowed, hints.get(key)) if len(loc) == 1 else "unknown field"
+        else:
+            words = _words(err)
+            if len(loc) <= 1 and key in hints:
+                words = f"{words}; {hints[key]}"
+        param = join_path(prefix, loc) or root
+        seen.setdefault(param, Problem(param, words))  # a union reports each branch: keep one
     return list(seen.values())
 
 
-def wrong_kind(kind: Kind, body: dict[str, Any], prefix: str) -> Problem | None:
-    where = prefix or "body"
-    if kind is Kind.CHAT and "prompt" in body:
-        return Problem(
-            where,
-            "has 'prompt', which belongs to a completions request; chat"
-            " completion requests need 'messages'",
+def check(
+    model: type[M], data: Any, *, prefix: str = "", root: str = "body"
+) -> tuple[M | None, list[Problem]]:
+    """``data`` validated by ``model``, or every problem with it."""
+    try:
+        return model.model_validate(data), []
+    except ValidationError as exc:
+        return None, problems_from(
+            exc.errors(include_url=False), model=model, prefix=prefix, root=root
         )
-    if kind is Kind.COMPLETION and "messages" in body:
-        return Problem(
-            where,
-            "has 'messages', which belongs to a chat completions request;"
-            " completions requests need 'prompt'",
-        )
-    if (
-        kind is not Kind.EMBEDDING
-        and "input" in body
-        and "messages" not in body
-        and ("prompt" not in body)
-    ):
-        return Problem(where, "has 'input', which belongs to an embeddings request")
-    return None
+
+
+# ---------------------------------------------------------------------------- requests
+
+
+def _unserved(body: dict[str, Any], known_models: Collection[str], prefix: str) -> list[Problem]:
+    model = body.get("model")
+    if isinstance(model, str) and model and model not in known_models:
+        served = ", ".join(sorted(known_models)) or "none"
+        return [
+            Problem(
+                join_path(prefix, ("model",)),
+                f"model '{model}' is not served here; available models: {served}",
+            )
+        ]
+    return []
 
 
 def validate_request(
@@ -109,33 +178,11 @@ def validate_request(
     prefix: str = "",
     slow: bool = True,
 ) -> list[Problem]:
-    """Every problem with one OpenAI request body for ``kind``."""
-    if not isinstance(body, dict):
-        return [Problem(prefix or "body", "must be a JSON object")]
-    wk = wrong_kind(kind, body, prefix)
-    if wk is not None:
-        return [wk]
-    problems: list[Problem] = []
-    try:
-        MODELS[kind].model_validate(body)
-    except ValidationError as exc:
-        problems.extend(_pydantic_problems(exc, prefix))
-    model = body.get("model")
-    if isinstance(model, str) and model and model not in known_models:
-        served = ", ".join(sorted(known_models)) or "none"
-        problems.append(
-            Problem(
-                join_path(prefix, ("model",)),
-                f"model '{model}' is not served here; available models: {served}",
-            )
-        )
-    if slow and body.get("stream") not in (None, False):
-        problems.append(
-            Problem(
-                join_path(prefix, ("stream",)),
-                "streaming is not supported on slow routes; omit 'stream' or set it to false",
-            )
-        )
+    """Every problem with one OpenAI request body for ``kind`` (``slow``: ``stream`` refused)."""
+    _, problems = check((SLOW_REQUESTS if slow else REQUESTS)[kind], body, prefix=prefix)
+    whole = prefix or "body"
+    if isinstance(body, dict) and not any(p.param == whole for p in problems):
+        problems.extend(_unserved(body, known_models, prefix))
     return problems
 
 
@@ -143,55 +190,12 @@ def validate_group(
     kind: Kind, body: Any, known_models: Collection[str]
 ) -> tuple[list[Problem], list[dict[str, Any]]]:
     """Every problem with a group submission body; and its requests when there are none."""
-    if not isinstance(body, dict):
-        return [Problem("body", "must be a JSON object with a 'requests' list")], []
-    problems: list[Problem] = []
-    for key in body:
-        if key in GROUP_KEYS:
-            continue
-        if key == "webhook_url":
-            problems.append(
-                Problem(
-                    "webhook_url",
-                    "unknown field; use webhook_id (webhook_url is the Batch API's): register the"
-                    " URL with POST /v1/webhooks and pass its id",
-                )
-            )
-            continue
-        near = difflib.get_close_matches(key, GROUP_KEYS, n=1, cutoff=0.75)
-        hint = f"; did you mean {near[0]}?" if near else ""
-        problems.append(
-            Problem(key, f"unknown field{hint} allowed fields: {', '.join(GROUP_KEYS)}")
-        )
-    if (
-        "metadata" in body
-        and body["metadata"] is not None
-        and not isinstance(body["metadata"], dict)
-    ):
-        problems.append(Problem("metadata", "must be a JSON object"))
-    if (
-        "webhook_id" in body
-        and body["webhook_id"] is not None
-        and not isinstance(body["webhook_id"], str)
-    ):
-        problems.append(Problem("webhook_id", "must be a string"))
-    reqs = body.get("requests")
-    limit_hint = (
-        f"a group holds 1 to {MAX_GROUP_SIZE} requests; for more, use the Batch API"
-        " (POST /v1/files, then POST /v1/batches)"
-    )
-    if "requests" not in body:
-        problems.append(Problem("requests", f"is required: {limit_hint}"))
+    _, problems = check(GROUP_REQUESTS[kind], body)
+    requests = body.get("requests") if isinstance(body, dict) else None
+    if not isinstance(requests, list) or not 0 < len(requests) <= MAX_GROUP_SIZE:
         return problems, []
-    if not isinstance(reqs, list):
-        problems.append(Problem("requests", f"must be a list; {limit_hint}"))
-        return problems, []
-    if not reqs:
-        problems.append(Problem("requests", f"must not be empty; {limit_hint}"))
-        return problems, []
-    if len(reqs) > MAX_GROUP_SIZE:
-        problems.append(Problem("requests", f"has {len(reqs)} requests; {limit_hint}"))
-        return problems, []
-    for i, r in enumerate(reqs):
-        problems.extend(validate_request(kind, r, known_models, prefix=f"requests[{i}]"))
-    return problems, reqs
+    for i, request in enumerate(requests):
+        where = f"requests[{i}]"
+        if isinstance(request, dict) and not any(p.param == where for p in problems):
+            problems.extend(_unserved(request, known_models, where))
+    return problems, requests

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from backburner.core.clock import iso
 
@@ -27,6 +28,8 @@ ALL_EVENTS: tuple[str, ...] = (
 
 
 class WebhookCreate(BaseModel):
+    """``POST /v1/webhooks``."""
+
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(min_length=1, max_length=2048)
@@ -36,12 +39,21 @@ class WebhookCreate(BaseModel):
 
 
 class WebhookUpdate(BaseModel):
+    """``PATCH /v1/webhooks/{id}``: only the keys sent change."""
+
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = Field(default=None, min_length=1, max_length=2048)
+    url: str | SkipJsonSchema[None] = Field(default=None, min_length=1, max_length=2048)
     name: str | None = Field(default=None, max_length=200)
     events: list[EventName] | None = None
-    enabled: bool | None = None
+    enabled: bool | SkipJsonSchema[None] = None
+
+    @field_validator("url", "enabled", mode="before")
+    @classmethod
+    def _not_null(cls, v: Any) -> Any:
+        if v is None:  # only a value sent is checked: an absent key keeps its value
+            raise ValueError("must not be null")
+        return v
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +85,65 @@ class WebhookRecord:
         if with_secret:
             out["secret"] = self.secret
         return out
+
+
+class Webhook(BaseModel):
+    id: str
+    object: Literal["webhook"]
+    url: str
+    name: str | None
+    events: list[str]
+    enabled: bool
+    createdAt: str
+    updatedAt: str
+
+
+class WebhookCreated(Webhook):
+    """A new webhook, with its signing secret: shown this once."""
+
+    secret: str
+
+
+class WebhookList(BaseModel):
+    object: Literal["list"]
+    data: list[Webhook]
+
+
+class WebhookDeleted(BaseModel):
+    id: str
+    object: Literal["webhook"]
+    deleted: bool
+
+
+class DeliveryAttempt(BaseModel):
+    """One try at delivering an event: its status code, time and error."""
+
+    id: str
+    object: Literal["webhook.delivery_attempt"]
+    deliveryId: str
+    webhookId: str | None
+    event: str
+    attempt: int
+    statusCode: int | None
+    durationMs: int
+    error: str | None
+    createdAt: str
+    deliveryState: str
+
+
+class DeliveryAttemptList(BaseModel):
+    object: Literal["list"]
+    data: list[DeliveryAttempt]
+
+
+class DeliveryQueued(BaseModel):
+    """An event queued for delivery (``webhook.test``, or a redelivery)."""
+
+    id: str
+    object: Literal["webhook.delivery"]
+    state: Literal["pending"]
+    event: str | SkipJsonSchema[None] = None
+    webhookId: str | SkipJsonSchema[None] = None
 
 
 @dataclass(frozen=True, slots=True)

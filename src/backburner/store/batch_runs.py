@@ -1,4 +1,4 @@
-"""The worker side of batches: claiming batch work under a lease, failing or starting a batch
+"""Batches on the worker side: claiming batch work under a lease, failing or starting a batch
 after validation, loading lines in resumable chunks, and finalizing it."""
 
 from __future__ import annotations
@@ -11,28 +11,52 @@ import sqlalchemy as sa
 
 from backburner.core.clock import utcnow
 from backburner.core.ids import new_id
-from backburner.core.states import Kind, State, StateMessage
+from backburner.core.states import (
+    BATCH_RUNNING,
+    BatchStatus,
+    Kind,
+    State,
+    StateMessage,
+    sources,
+)
 from backburner.errors import Conflict
 from backburner.schemas.batch import BatchLine, BatchRecord
 from backburner.store import codec
-from backburner.store.batches import ACTIVE, BatchesMixin, _batch
+from backburner.store.base import Database, one_of
+from backburner.store.queue import fair_keys
 from backburner.store.tables import batches, files, generations
+from backburner.store.terminal import Terminal
 
 B = batches
 G = generations
+CLEARED = {"lease_owner": None, "lease_expires_at": None}
+# the batch's column that records when it reached each final status
+STAMPS = {
+    BatchStatus.CANCELLED: "cancelled_at",
+    BatchStatus.EXPIRED: "expired_at",
+    BatchStatus.COMPLETED: "completed_at",
+}
 
 
-class BatchRunsMixin(BatchesMixin):
-    async def claim_batch_work(self, worker_id: str, lease_seconds: float) -> BatchRecord | None:
+class BatchRuns:
+    def __init__(self, db: Database, terminal: Terminal) -> None:
+        self._db = db
+        self._terminal = terminal
+
+    async def claim(self, worker_id: str, lease_seconds: float) -> BatchRecord | None:
         """A batch that needs a worker: to validate and load, or to finalize."""
         now = utcnow()
         pick = (
             sa.select(B.c.id)
             .where(
                 sa.or_(
-                    B.c.status.in_(("validating", "finalizing")),
-                    sa.and_(B.c.status.in_(ACTIVE), B.c.loaded < B.c.total),
-                    sa.and_(B.c.status == "cancelling", B.c.pending <= 0, B.c.loaded >= B.c.total),
+                    one_of(B.c.status, [BatchStatus.VALIDATING, BatchStatus.FINALIZING]),
+                    sa.and_(one_of(B.c.status, BATCH_RUNNING), B.c.loaded < B.c.total),
+                    sa.and_(
+                        B.c.status == BatchStatus.CANCELLING.value,
+                        B.c.pending <= 0,
+                        B.c.loaded >= B.c.total,
+                    ),
                 ),
                 sa.or_(B.c.lease_expires_at.is_(None), B.c.lease_expires_at < now),
             )
@@ -40,7 +64,7 @@ class BatchRunsMixin(BatchesMixin):
             .limit(1)
             .with_for_update(skip_locked=True)
         )
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             row = (
                 await conn.execute(
                     B.update()
@@ -52,10 +76,10 @@ class BatchRunsMixin(BatchesMixin):
                     .returning(B)
                 )
             ).first()
-        return None if row is None else _batch(row)
+        return None if row is None else codec.batch(row)
 
-    async def renew_batch_lease(self, worker_id: str, batch_id: str, lease_seconds: float) -> bool:
-        async with self._writer.begin() as conn:
+    async def renew(self, worker_id: str, batch_id: str, lease_seconds: float) -> bool:
+        async with self._db.writer.begin() as conn:
             res = await conn.execute(
                 B.update()
                 .where(B.c.id == batch_id, B.c.lease_owner == worker_id)
@@ -63,64 +87,65 @@ class BatchRunsMixin(BatchesMixin):
             )
         return bool(res.rowcount)
 
-    async def release_batch(self, worker_id: str, batch_id: str) -> None:
-        async with self._writer.begin() as conn:
+    async def release(self, worker_id: str, batch_id: str) -> None:
+        async with self._db.writer.begin() as conn:
             await conn.execute(
-                B.update()
-                .where(B.c.id == batch_id, B.c.lease_owner == worker_id)
-                .values(lease_owner=None, lease_expires_at=None)
+                B.update().where(B.c.id == batch_id, B.c.lease_owner == worker_id).values(**CLEARED)
             )
 
-    async def fail_batch(
+    async def fail(
         self, worker_id: str, batch_id: str, errors: Sequence[Mapping[str, Any]]
     ) -> None:
         """Validation failed: nothing runs; the errors name their lines."""
         now = utcnow()
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             res = await conn.execute(
                 B.update()
                 .where(
                     B.c.id == batch_id,
                     B.c.lease_owner == worker_id,
-                    B.c.status.in_(("validating", "cancelling")),
+                    one_of(B.c.status, sources(BatchStatus.FAILED)),
                 )
                 .values(
-                    status="failed",
+                    status=BatchStatus.FAILED.value,
                     failed_at=now,
                     errors=codec.dumps(list(errors)),
-                    lease_owner=None,
-                    lease_expires_at=None,
+                    **CLEARED,
                 )
             )
             if res.rowcount:
-                await self._batch_event(conn, batch_id, now)
+                await self._terminal.batch_finished(conn, batch_id, now)
 
-    async def start_batch(self, worker_id: str, batch_id: str, total: int) -> bool:
+    async def start(self, worker_id: str, batch_id: str, total: int) -> bool:
         """Validation passed: the batch is in progress with ``total`` requests to load.
         False when it was cancelled meanwhile (it is then marked cancelled)."""
         now = utcnow()
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             row = (await conn.execute(sa.select(B).where(B.c.id == batch_id))).one()
-            b = _batch(row)
-            if b.status == "cancelling":
-                await conn.execute(
+            b = codec.batch(row)
+            if b.status == BatchStatus.CANCELLING:
+                res = await conn.execute(
                     B.update()
-                    .where(B.c.id == batch_id)
-                    .values(
-                        status="cancelled",
-                        cancelled_at=now,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                    )
+                    .where(B.c.id == batch_id, one_of(B.c.status, sources(BatchStatus.CANCELLED)))
+                    .values(status=BatchStatus.CANCELLED.value, cancelled_at=now, **CLEARED)
                 )
-                await self._batch_event(conn, batch_id, now)
+                if res.rowcount:
+                    await self._terminal.batch_finished(conn, batch_id, now)
                 return False
-            first = await self._fair_keys(conn, b.tenant, total)
+            first = await fair_keys(self._db, conn, b.tenant, total)
             res = await conn.execute(
                 B.update()
-                .where(B.c.id == batch_id, B.c.lease_owner == worker_id, B.c.status == "validating")
+                .where(
+                    B.c.id == batch_id,
+                    B.c.lease_owner == worker_id,
+                    # not a retry: that reopens a finished batch
+                    one_of(
+                        B.c.status,
+                        sources(BatchStatus.IN_PROGRESS, among=[BatchStatus.VALIDATING]),
+                    ),
+                )
                 .values(
-                    status="in_progress",
+                    status=BatchStatus.IN_PROGRESS.value,
                     in_progress_at=now,
                     total=total,
                     pending=total,
@@ -130,7 +155,7 @@ class BatchRunsMixin(BatchesMixin):
             )
         return bool(res.rowcount)
 
-    async def load_batch_chunk(
+    async def load_chunk(
         self,
         worker_id: str,
         batch: BatchRecord,
@@ -144,7 +169,7 @@ class BatchRunsMixin(BatchesMixin):
         False when this worker may not load (lease lost, or the batch moved on)."""
         now = utcnow()
         assert batch.fair_start is not None
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             row = (
                 await conn.execute(
                     sa.select(B.c.status, B.c.loaded)
@@ -152,9 +177,9 @@ class BatchRunsMixin(BatchesMixin):
                     .with_for_update()
                 )
             ).first()
-            if row is None or row[1] != first_index or row[0] not in ACTIVE:
+            if row is None or row[1] != first_index or row[0] not in BATCH_RUNNING:
                 return False
-            cancelled = row[0] == "cancelling"
+            cancelled = row[0] == BatchStatus.CANCELLING
             state = State.FAILED.value if cancelled else State.QUEUED.value
             message = StateMessage.CANCELLED if cancelled else StateMessage.QUEUED
             rows = [
@@ -193,10 +218,12 @@ class BatchRunsMixin(BatchesMixin):
             )
             await conn.execute(G.insert(), rows)
             if cancelled:
-                await self._batches_finished(conn, {batch.id: (0, len(rows))}, now)
+                await self._terminal.batch_generations_finished(
+                    conn, {batch.id: (0, len(rows))}, now
+                )
         return True
 
-    async def finalize_batch(
+    async def finalize(
         self,
         worker_id: str,
         batch: BatchRecord,
@@ -206,15 +233,11 @@ class BatchRunsMixin(BatchesMixin):
         """Record the written output/error files and the batch's final status, and queue
         ``batch.completed``, in one transaction."""
         now = utcnow()
-        status = (
-            "cancelled"
-            if batch.cancelling_at is not None
-            else ("expired" if now >= batch.expires_at else "completed")
-        )
-        stamp = {"cancelled": "cancelled_at", "expired": "expired_at", "completed": "completed_at"}[
-            status
-        ]
-        async with self._writer.begin() as conn:
+        if batch.cancelling_at is not None:
+            status = BatchStatus.CANCELLED
+        else:
+            status = BatchStatus.EXPIRED if now >= batch.expires_at else BatchStatus.COMPLETED
+        async with self._db.writer.begin() as conn:
             for f in (output, error):
                 if f is not None:
                     await conn.execute(files.insert().values(**f))
@@ -223,18 +246,17 @@ class BatchRunsMixin(BatchesMixin):
                 .where(
                     B.c.id == batch.id,
                     B.c.lease_owner == worker_id,
-                    B.c.status.in_(("finalizing", "cancelling")),
+                    one_of(B.c.status, sources(status)),
                     B.c.pending <= 0,
                 )
                 .values(
-                    status=status,
+                    status=status.value,
                     output_file_id=output["id"] if output else None,
                     error_file_id=error["id"] if error else None,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    **{stamp: now},
+                    **CLEARED,
+                    **{STAMPS[status]: now},
                 )
             )
             if res.rowcount != 1:
                 raise Conflict(f"batch {batch.id} is no longer finalizing under this worker")
-            await self._batch_event(conn, batch.id, now)
+            await self._terminal.batch_finished(conn, batch.id, now)

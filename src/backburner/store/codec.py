@@ -8,8 +8,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from backburner.core.states import GroupStatus, Kind, State
+from backburner.core.states import BatchStatus, FileStatus, GroupStatus, Kind, State
+from backburner.schemas.batch import BatchRecord
+from backburner.schemas.files import FileRecord
 from backburner.schemas.generation import GenerationRecord, GroupCounts, GroupRecord
+from backburner.schemas.webhook import WebhookRecord
 
 
 def dumps(obj: Any) -> str:
@@ -25,8 +28,12 @@ def loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+def _mapping(row: sa.Row[Any] | Mapping[str, Any]) -> Mapping[Any, Any]:
+    return row._mapping if isinstance(row, sa.Row) else row
+
+
 def generation(row: sa.Row[Any] | Mapping[str, Any]) -> GenerationRecord:
-    m = row._mapping if isinstance(row, sa.Row) else row
+    m = _mapping(row)
     return GenerationRecord(
         id=m["id"],
         tenant=m["tenant"],
@@ -50,7 +57,7 @@ def generation(row: sa.Row[Any] | Mapping[str, Any]) -> GenerationRecord:
 
 
 def group(row: sa.Row[Any] | Mapping[str, Any], counts: GroupCounts) -> GroupRecord:
-    m = row._mapping if isinstance(row, sa.Row) else row
+    m = _mapping(row)
     return GroupRecord(
         id=m["id"],
         tenant=m["tenant"],
@@ -63,4 +70,70 @@ def group(row: sa.Row[Any] | Mapping[str, Any], counts: GroupCounts) -> GroupRec
         expires_at=m["expires_at"],
         completed_at=m["completed_at"],
         counts=counts,
+    )
+
+
+def batch(row: sa.Row[Any] | Mapping[str, Any]) -> BatchRecord:
+    m = _mapping(row)
+    return BatchRecord(
+        id=m["id"],
+        tenant=m["tenant"],
+        input_file_id=m["input_file_id"],
+        endpoint=m["endpoint"],
+        completion_window=m["completion_window"],
+        status=BatchStatus(m["status"]),
+        metadata=loads(m["metadata"]),
+        webhook_url=m["webhook_url"],
+        errors=loads(m["errors"]),
+        total=m["total"],
+        completed=m["completed"],
+        failed=m["failed"],
+        pending=m["pending"],
+        loaded=m["loaded"],
+        output_file_id=m["output_file_id"],
+        error_file_id=m["error_file_id"],
+        created_at=m["created_at"],
+        expires_at=m["expires_at"],
+        in_progress_at=m["in_progress_at"],
+        finalizing_at=m["finalizing_at"],
+        completed_at=m["completed_at"],
+        failed_at=m["failed_at"],
+        expired_at=m["expired_at"],
+        cancelling_at=m["cancelling_at"],
+        cancelled_at=m["cancelled_at"],
+        fair_start=m["fair_start"],
+    )
+
+
+def file(row: sa.Row[Any] | Mapping[str, Any]) -> FileRecord:
+    m = _mapping(row)
+    return FileRecord(
+        id=m["id"],
+        tenant=m["tenant"],
+        filename=m["filename"],
+        purpose=m["purpose"],
+        bytes=int(m["bytes"]),
+        lines=None if m["lines"] is None else int(m["lines"]),
+        sha256=m["sha256"],
+        blob=m["blob"],
+        batch_id=m["batch_id"],
+        status=FileStatus(m["status"]),
+        created_at=m["created_at"],
+        expires_at=m["expires_at"],
+        deleted_at=m["deleted_at"],
+    )
+
+
+def webhook(row: sa.Row[Any] | Mapping[str, Any]) -> WebhookRecord:
+    m = _mapping(row)
+    return WebhookRecord(
+        id=m["id"],
+        tenant=m["tenant"],
+        url=m["url"],
+        name=m["name"],
+        secret=m["secret"],
+        events=json.loads(m["events"]),
+        enabled=bool(m["enabled"]),
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
     )

@@ -6,47 +6,36 @@ every reader: like another tenant's file, it is :class:`~backburner.errors.NotFo
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 import sqlalchemy as sa
 
 from backburner.core.clock import utcnow
 from backburner.core.outcome import Idempotency
+from backburner.core.states import BATCH_RUNNING, BatchStatus, FileStatus
 from backburner.errors import Conflict, InvalidRequest, NotFound
 from backburner.schemas.files import FileRecord
-from backburner.store.keys import KeysMixin
+from backburner.store import codec
+from backburner.store.base import Database, one_of
+from backburner.store.idempotency import IdempotencyKeys
 from backburner.store.tables import batches, files
 
 F = files
-
-
-def _file(row: Any) -> FileRecord:
-    m = row._mapping
-    return FileRecord(
-        id=m["id"],
-        tenant=m["tenant"],
-        filename=m["filename"],
-        purpose=m["purpose"],
-        bytes=int(m["bytes"]),
-        lines=None if m["lines"] is None else int(m["lines"]),
-        sha256=m["sha256"],
-        blob=m["blob"],
-        batch_id=m["batch_id"],
-        status=m["status"],
-        created_at=m["created_at"],
-        expires_at=m["expires_at"],
-        deleted_at=m["deleted_at"],
-    )
 
 
 def _not_found(file_id: str) -> NotFound:
     return NotFound(f"No file with id '{file_id}'.", param="file_id", code="file_not_found")
 
 
-class FilesMixin(KeysMixin):
-    async def create_file(
+class Files:
+    def __init__(self, db: Database, idempotency: IdempotencyKeys) -> None:
+        self._db = db
+        self._idempotency = idempotency
+
+    async def create(
         self,
         tenant: str,
         *,
@@ -58,7 +47,7 @@ class FilesMixin(KeysMixin):
         sha256: str | None,
         blob: str | None,
         batch_id: str | None = None,
-        status: str = "processed",
+        status: FileStatus = FileStatus.PROCESSED,
         created_at: datetime | None = None,
         idempotency: Idempotency | None = None,
         idempotency_ttl: float = 86400.0,
@@ -66,7 +55,7 @@ class FilesMixin(KeysMixin):
         """Record a file whose blob (if any) is already written.
 
         With ``idempotency`` the key is saved in the same transaction; a concurrent request that
-        saved it first raises :class:`~backburner.store.keys.IdempotencyRace` and no row is kept.
+        saved it first raises :class:`~backburner.store.IdempotencyRace` and no row is kept.
         """
         now = created_at or utcnow()
         rec = FileRecord(
@@ -84,15 +73,17 @@ class FilesMixin(KeysMixin):
             expires_at=None,
             deleted_at=None,
         )
-        async with self._writer.begin() as conn:
-            await conn.execute(F.insert().values(**dataclasses.asdict(rec)))
+        async with self._db.writer.begin() as conn:
+            await conn.execute(
+                F.insert().values(**{**dataclasses.asdict(rec), "status": status.value})
+            )
             if idempotency is not None:
-                await self._save_idempotency(conn, tenant, idempotency, now, idempotency_ttl)
+                await self._idempotency.save_on(conn, tenant, idempotency, now, idempotency_ttl)
         return rec
 
-    async def get_file(self, tenant: str, file_id: str) -> FileRecord:
+    async def get(self, tenant: str, file_id: str) -> FileRecord:
         """The live file ``file_id`` of ``tenant``; NotFound if missing, deleted or not theirs."""
-        async with self._reader.connect() as conn:
+        async with self._db.reader.connect() as conn:
             row = (
                 await conn.execute(
                     sa.select(F).where(
@@ -102,9 +93,9 @@ class FilesMixin(KeysMixin):
             ).first()
         if row is None:
             raise _not_found(file_id)
-        return _file(row)
+        return codec.file(row)
 
-    async def list_files(
+    async def list(
         self,
         tenant: str,
         *,
@@ -112,7 +103,7 @@ class FilesMixin(KeysMixin):
         after: str | None = None,
         limit: int = 10000,
         order: Literal["asc", "desc"] = "desc",
-    ) -> list[FileRecord]:
+    ) -> builtins.list[FileRecord]:
         """Up to ``limit`` live files by creation time (then id), starting after file ``after``.
 
         The cursor may be a file deleted since the previous page; an unknown one is a 400.
@@ -121,7 +112,7 @@ class FilesMixin(KeysMixin):
         q = sa.select(F).where(F.c.tenant == tenant, F.c.deleted_at.is_(None))
         if purpose is not None:
             q = q.where(F.c.purpose == purpose)
-        async with self._reader.connect() as conn:
+        async with self._db.reader.connect() as conn:
             if after is not None:
                 cur = (
                     await conn.execute(
@@ -150,12 +141,13 @@ class FilesMixin(KeysMixin):
             else:
                 q = q.order_by(F.c.created_at.asc(), F.c.id.asc())
             rows = (await conn.execute(q.limit(limit))).all()
-        return [_file(r) for r in rows]
+        return [codec.file(r) for r in rows]
 
-    async def delete_file(self, tenant: str, file_id: str) -> FileRecord:
-        """Mark the file deleted (the caller then removes its blob); NotFound like get_file."""
+    async def delete(self, tenant: str, file_id: str) -> FileRecord:
+        """Mark the file deleted (the caller then removes its blob); NotFound like get.
+        Refused while a batch is still reading it (validating, or loading its lines)."""
         now = utcnow()
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             busy = (
                 await conn.execute(
                     sa.select(batches.c.id)
@@ -163,9 +155,9 @@ class FilesMixin(KeysMixin):
                         batches.c.input_file_id == file_id,
                         batches.c.tenant == tenant,
                         sa.or_(
-                            batches.c.status == "validating",
+                            batches.c.status == BatchStatus.VALIDATING.value,
                             sa.and_(
-                                batches.c.status.in_(("in_progress", "cancelling")),
+                                one_of(batches.c.status, BATCH_RUNNING),
                                 batches.c.loaded < batches.c.total,
                             ),
                         ),
@@ -189,4 +181,4 @@ class FilesMixin(KeysMixin):
             ).first()
         if row is None:
             raise _not_found(file_id)
-        return _file(row)
+        return codec.file(row)

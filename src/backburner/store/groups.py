@@ -1,52 +1,120 @@
-"""Groups: the group row's ``pending`` counter and the one moment a group completes."""
+"""Groups: up to 50 generations submitted together, counted until the last one finishes.
+
+A group row holds ``size`` and ``pending``; the terminal bookkeeping
+(:mod:`backburner.store.terminal`) counts finished generations against it and completes it.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from datetime import datetime
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from backburner.core.states import GroupStatus, State
-from backburner.errors import NotFound
-from backburner.schemas.generation import GenerationRecord, GroupCounts, GroupRecord
+from backburner.core.clock import utcnow
+from backburner.core.ids import new_id
+from backburner.core.outcome import Idempotency
+from backburner.core.states import GroupStatus, Kind, State, StateMessage, sources
+from backburner.errors import Conflict, NotFound
+from backburner.schemas.generation import (
+    GenerationRecord,
+    GroupCounts,
+    GroupRecord,
+    NewGeneration,
+)
 from backburner.store import codec
+from backburner.store.base import Database, one_of
+from backburner.store.idempotency import IdempotencyKeys
+from backburner.store.queue import TERMINAL_COLS, fair_keys, group_counts, new_rows
 from backburner.store.tables import generations, groups
-from backburner.store.webhooks import WebhooksMixin
+from backburner.store.terminal import Terminal
 
 G = generations
 
 
-class GroupsMixin(WebhooksMixin):
-    async def _group_counts(self, conn: AsyncConnection, group_id: str) -> GroupCounts:
-        rows = (
+def _not_found(group_id: str) -> NotFound:
+    return NotFound(f"No group with id '{group_id}'.", param="groupId")
+
+
+def _not_cancellable(group_id: str, status: str) -> Conflict:
+    return Conflict(
+        f"Group '{group_id}' is {status} and cannot be cancelled.",
+        code="group_not_cancellable",
+    )
+
+
+class Groups:
+    def __init__(self, db: Database, terminal: Terminal, idempotency: IdempotencyKeys) -> None:
+        self._db = db
+        self._terminal = terminal
+        self._idempotency = idempotency
+
+    async def submit(
+        self,
+        tenant: str,
+        kind: Kind,
+        items: Sequence[NewGeneration],
+        *,
+        expiry_seconds: float,
+        metadata: dict[str, Any] | None = None,
+        webhook_id: str | None = None,
+        group_id: str | None = None,
+        idempotency: Idempotency | None = None,
+        idempotency_ttl: float = 86400.0,
+    ) -> GroupRecord:
+        """Store a whole group and its generations in one transaction."""
+        now = utcnow()
+        gid = group_id or new_id()
+        expires = now + timedelta(seconds=expiry_seconds)
+        async with self._db.writer.begin() as conn:
+            if idempotency is not None:
+                await self._idempotency.save_on(conn, tenant, idempotency, now, idempotency_ttl)
             await conn.execute(
-                sa.select(G.c.state, sa.func.count())
-                .where(G.c.group_id == group_id)
-                .group_by(G.c.state)
+                groups.insert().values(
+                    id=gid,
+                    tenant=tenant,
+                    kind=kind.value,
+                    size=len(items),
+                    pending=len(items),
+                    status=GroupStatus.IN_PROGRESS.value,
+                    metadata=None if metadata is None else codec.dumps(metadata),
+                    webhook_id=webhook_id,
+                    created_at=now,
+                    expires_at=expires,
+                    completed_at=None,
+                )
             )
-        ).all()
-        by = {r[0]: int(r[1]) for r in rows}
-        return GroupCounts(
-            queued=by.get(State.QUEUED.value, 0),
-            in_progress=by.get(State.IN_PROGRESS.value, 0),
-            success=by.get(State.SUCCESS.value, 0),
-            failed=by.get(State.FAILED.value, 0),
+            first = await fair_keys(self._db, conn, tenant, len(items))
+            ids = [new_id() for _ in items]
+            rows = new_rows(tenant, items, ids, first, now, expires, group_id=gid)
+            await conn.execute(G.insert(), rows)
+        return GroupRecord(
+            id=gid,
+            tenant=tenant,
+            kind=kind,
+            size=len(items),
+            status=GroupStatus.IN_PROGRESS,
+            metadata=metadata,
+            webhook_id=webhook_id,
+            created_at=now,
+            expires_at=expires,
+            counts=GroupCounts(queued=len(items)),
         )
 
-    async def get_group(
+    async def get(
         self, tenant: str, group_id: str, *, with_generations: bool = False
     ) -> tuple[GroupRecord, list[GenerationRecord]]:
-        async with self._reader.connect() as conn, conn.begin():
+        """The group with its counts, and (``with_generations``) every generation in order."""
+        async with self._db.reader.connect() as conn, conn.begin():
             row = (
                 await conn.execute(
                     sa.select(groups).where(groups.c.id == group_id, groups.c.tenant == tenant)
                 )
             ).first()
             if row is None:
-                raise NotFound(f"No group with id '{group_id}'.", param="groupId")
-            counts = await self._group_counts(conn, group_id)
+                raise _not_found(group_id)
+            counts = await group_counts(conn, group_id)
             gens: list[GenerationRecord] = []
             if with_generations:
                 rows = (
@@ -57,56 +125,49 @@ class GroupsMixin(WebhooksMixin):
                 gens = [codec.generation(r) for r in rows]
         return codec.group(row, counts), gens
 
-    async def _groups_finished(
-        self, conn: AsyncConnection, per_group: Counter[str], now: datetime
-    ) -> list[str]:
-        """Count finished generations against their groups; returns groups that just completed.
-
-        The decrement is an UPDATE of the group row, so concurrent finishers serialise on it and
-        exactly one of them sees ``pending`` reach zero and records the completion.
-        """
-        completed: list[str] = []
-        for group_id, n in sorted(per_group.items()):
-            pending = (
+    async def cancel(self, tenant: str, group_id: str) -> GroupRecord:
+        """The group becomes ``cancelled`` and its Queued generations Failed "Cancelled"."""
+        now = utcnow()
+        async with self._db.writer.begin() as conn:
+            status = (
                 await conn.execute(
-                    groups.update()
-                    .where(groups.c.id == group_id)
-                    .values(pending=groups.c.pending - n)
-                    .returning(groups.c.pending)
-                )
-            ).scalar_one_or_none()
-            if pending is not None and pending <= 0:
-                done = await conn.execute(
-                    groups.update()
-                    .where(groups.c.id == group_id, groups.c.completed_at.is_(None))
-                    .values(
-                        completed_at=now,
-                        status=sa.case(
-                            (
-                                groups.c.status == GroupStatus.IN_PROGRESS.value,
-                                GroupStatus.COMPLETED.value,
-                            ),
-                            else_=groups.c.status,
-                        ),
+                    sa.select(groups.c.status).where(
+                        groups.c.id == group_id, groups.c.tenant == tenant
                     )
                 )
-                if done.rowcount == 1:
-                    completed.append(group_id)
-                    await self._group_completed_event(conn, group_id, now)
-        return completed
-
-    async def _group_completed_event(
-        self, conn: AsyncConnection, group_id: str, now: datetime
-    ) -> None:
-        row = (await conn.execute(sa.select(groups).where(groups.c.id == group_id))).one()
-        if not row._mapping["webhook_id"]:
-            return
-        counts = await self._group_counts(conn, group_id)
-        gens = (
-            await conn.execute(
-                sa.select(G).where(G.c.group_id == group_id).order_by(G.c.group_index)
+            ).scalar_one_or_none()
+            if status is None:
+                raise _not_found(group_id)
+            if status not in sources(GroupStatus.CANCELLED):
+                raise _not_cancellable(group_id, status)
+            res = await conn.execute(
+                groups.update()
+                .where(
+                    groups.c.id == group_id,
+                    one_of(groups.c.status, sources(GroupStatus.CANCELLED)),
+                )
+                .values(status=GroupStatus.CANCELLED.value)
             )
-        ).all()
-        await self._enqueue_group_event(
-            conn, codec.group(row, counts), [codec.generation(g) for g in gens], now
-        )
+            if res.rowcount == 0:  # it completed or expired between the read and the write
+                status = (
+                    await conn.execute(sa.select(groups.c.status).where(groups.c.id == group_id))
+                ).scalar_one()
+                raise _not_cancellable(group_id, status)
+            rows = (
+                await conn.execute(
+                    G.update()
+                    .where(
+                        G.c.group_id == group_id,
+                        one_of(G.c.state, sources(State.FAILED, among=[State.QUEUED])),
+                    )
+                    .values(
+                        state=State.FAILED.value,
+                        state_message=StateMessage.CANCELLED,
+                        finished_at=now,
+                    )
+                    .returning(*TERMINAL_COLS)
+                )
+            ).all()
+            await self._terminal.generations_finished(conn, rows, now)
+        group, _ = await self.get(tenant, group_id)
+        return group

@@ -1,89 +1,31 @@
-"""API keys (stored hashed) and Idempotency-Key answers."""
+"""API keys, stored hashed."""
 
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backburner.core.clock import utcnow
 from backburner.core.ids import new_api_key, new_id
-from backburner.core.outcome import Idempotency
-from backburner.store import codec
-from backburner.store.base import StoreBase
-from backburner.store.tables import api_keys, idempotency_keys
-
-
-class IdempotencyRace(Exception):
-    """Another request with the same Idempotency-Key committed first."""
+from backburner.store.base import Database
+from backburner.store.tables import api_keys
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class KeysMixin(StoreBase):
-    async def _save_idempotency(
-        self, conn: AsyncConnection, tenant: str, idem: Idempotency, now: datetime, ttl: float
-    ) -> None:
-        await conn.execute(
-            idempotency_keys.delete().where(
-                idempotency_keys.c.tenant == tenant,
-                idempotency_keys.c.key == idem.key,
-                idempotency_keys.c.created_at < now - timedelta(seconds=ttl),
-            )
-        )
-        try:
-            async with conn.begin_nested():
-                await conn.execute(
-                    idempotency_keys.insert().values(
-                        tenant=tenant,
-                        key=idem.key,
-                        request_hash=idem.request_hash,
-                        status_code=idem.status_code,
-                        response=codec.dumps(idem.response),
-                        created_at=now,
-                    )
-                )
-        except IntegrityError as exc:
-            raise IdempotencyRace from exc
+class Keys:
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
-    # ------------------------------------------------------------------ idempotency
-    async def idempotent_answer(
-        self, tenant: str, key: str, ttl_seconds: float
-    ) -> tuple[str, int, Any] | None:
-        cutoff = utcnow() - timedelta(seconds=ttl_seconds)
-        async with self._reader.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(
-                        idempotency_keys.c.request_hash,
-                        idempotency_keys.c.status_code,
-                        idempotency_keys.c.response,
-                    ).where(
-                        idempotency_keys.c.tenant == tenant,
-                        idempotency_keys.c.key == key,
-                        idempotency_keys.c.created_at >= cutoff,
-                    )
-                )
-            ).first()
-        if row is None:
-            return None
-        return row[0], int(row[1]), codec.loads(row[2])
-
-    async def save_idempotent(self, tenant: str, idem: Idempotency, ttl_seconds: float) -> None:
-        async with self._writer.begin() as conn:
-            await self._save_idempotency(conn, tenant, idem, utcnow(), ttl_seconds)
-
-    # ------------------------------------------------------------------ API keys
-    async def create_key(self, tenant: str, name: str | None = None) -> tuple[str, str]:
+    async def create(self, tenant: str, name: str | None = None) -> tuple[str, str]:
+        """A new key for ``tenant``: ``(key id, the key itself)``; only its hash is stored."""
         key = new_api_key()
         kid = new_id()
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             await conn.execute(
                 api_keys.insert().values(
                     id=kid,
@@ -97,8 +39,9 @@ class KeysMixin(StoreBase):
             )
         return kid, key
 
-    async def tenant_for_key(self, key: str) -> str | None:
-        async with self._reader.connect() as conn:
+    async def tenant_for(self, key: str) -> str | None:
+        """The tenant of a live (unrevoked) key, or None."""
+        async with self._db.reader.connect() as conn:
             return (
                 await conn.execute(
                     sa.select(api_keys.c.tenant).where(
@@ -107,8 +50,9 @@ class KeysMixin(StoreBase):
                 )
             ).scalar_one_or_none()
 
-    async def has_keys(self) -> bool:
-        async with self._reader.connect() as conn:
+    async def any_live(self) -> bool:
+        """Whether any unrevoked key exists."""
+        async with self._db.reader.connect() as conn:
             n = (
                 await conn.execute(
                     sa.select(sa.func.count())
@@ -118,8 +62,17 @@ class KeysMixin(StoreBase):
             ).scalar_one()
         return int(n) > 0
 
-    async def list_keys(self) -> list[dict[str, Any]]:
-        async with self._reader.connect() as conn:
+    async def revoke(self, key_id: str) -> bool:
+        async with self._db.writer.begin() as conn:
+            res = await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+        return bool(res.rowcount)
+
+    async def list(self) -> list[dict[str, Any]]:
+        async with self._db.reader.connect() as conn:
             rows = (await conn.execute(sa.select(api_keys).order_by(api_keys.c.created_at))).all()
         return [
             {
@@ -132,12 +85,3 @@ class KeysMixin(StoreBase):
             }
             for r in rows
         ]
-
-    async def revoke_key(self, key_id: str) -> bool:
-        async with self._writer.begin() as conn:
-            res = await conn.execute(
-                api_keys.update()
-                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=utcnow())
-            )
-        return bool(res.rowcount)

@@ -59,7 +59,7 @@ tenants = sa.Table(
     "tenants",
     metadata,
     sa.Column("tenant", sa.String(128), primary_key=True),
-    # virtual clock for fair ordering across tenants (see store/generations.py)
+    # virtual clock for fair ordering across tenants (see store/queue.py)
     sa.Column("vclock", sa.BigInteger(), nullable=False, server_default="0"),
 )
 

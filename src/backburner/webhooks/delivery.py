@@ -30,7 +30,7 @@ import httpx
 
 from backburner.core.retry import Backoff
 from backburner.errors import InvalidRequest
-from backburner.webhooks.events import headers_for
+from backburner.schemas.events import headers_for
 from backburner.webhooks.signing import signature_headers
 
 MAX_PAYLOAD_BYTES = 10 * 1024 * 1024

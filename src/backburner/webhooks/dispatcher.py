@@ -65,7 +65,7 @@ class Dispatcher:
                 due: list[DueEvent] = []
                 if free > 0:
                     try:
-                        due = await self.store.claim_events(self.id, free, self.opts.lease_seconds)
+                        due = await self.store.outbox.claim(self.id, free, self.opts.lease_seconds)
                     except Exception:
                         log.exception("claiming webhook events failed")
                 for ev in due:
@@ -92,7 +92,7 @@ class Dispatcher:
 
     async def deliver_once(self, ev: DueEvent) -> None:
         if ev.url is None or not ev.endpoint_enabled:
-            await self.store.record_attempt(
+            await self.store.outbox.record_attempt(
                 self.id,
                 ev,
                 status_code=None,
@@ -123,7 +123,7 @@ class Dispatcher:
                 attempt.error,
                 outcome,
             )
-        await self.store.record_attempt(
+        await self.store.outbox.record_attempt(
             self.id,
             ev,
             status_code=attempt.status_code,

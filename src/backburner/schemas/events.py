@@ -1,34 +1,35 @@
-"""Webhook event bodies (SPEC section 6), built as plain dicts ready to serialise.
+"""Webhook events (SPEC section 6): their names, their bodies, and the headers that go with them.
 
-Every body has ``event``, ``timestamp`` (ISO 8601 UTC, ``Z``) and ``data``; the ids sit at the top
-level in snake_case with camelCase twins beside them (``webhook_id``/``webhookId``,
-``generation_id``/``generationId``, ``group_id``/``groupId``, ``batch_id``/``batchId``).
-Generation data follows the Generation rules: ``response`` only on Success, ``dispatchedAt`` and
-``finishedAt`` absent (never null) until they happen.
+Bodies are plain dicts ready to serialise. Every body has ``event``, ``timestamp`` (ISO 8601 UTC,
+``Z``) and ``data``; the ids sit at the top level in snake_case with camelCase twins beside them
+(``webhook_id``/``webhookId``, ``generation_id``/``generationId``, ``group_id``/``groupId``,
+``batch_id``/``batchId``). Generation data follows the Generation rules: ``response`` only on
+Success, ``dispatchedAt`` and ``finishedAt`` absent (never null) until they happen.
+
+The store builds these bodies when it writes an event to the outbox, in the transaction of the
+change that causes it; the webhooks package reads them back to deliver them.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from backburner.core.clock import iso
 from backburner.core.states import Kind, State
 from backburner.schemas.generation import GenerationRecord, GroupRecord
 
-GENERATION_COMPLETED = "generation.completed"
-EMBEDDING_COMPLETED = "async-embedding.completed"
-GROUP_COMPLETED = "slow-group.completed"
-WEBHOOK_TEST = "webhook.test"
-BATCH_COMPLETED = "batch.completed"
 
-EVENTS: tuple[str, ...] = (
-    GENERATION_COMPLETED,
-    EMBEDDING_COMPLETED,
-    GROUP_COMPLETED,
-    WEBHOOK_TEST,
-    BATCH_COMPLETED,
-)
+class EventName(StrEnum):
+    """Every event backburner sends; the values are wire names."""
+
+    GENERATION_COMPLETED = "generation.completed"
+    EMBEDDING_COMPLETED = "async-embedding.completed"
+    GROUP_COMPLETED = "slow-group.completed"
+    WEBHOOK_TEST = "webhook.test"
+    BATCH_COMPLETED = "batch.completed"
+
 
 # Top-level id keys and the header each one travels in.
 _ID_HEADERS: tuple[tuple[str, str], ...] = (
@@ -39,8 +40,8 @@ _ID_HEADERS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _envelope(event: str, webhook_id: str | None, now: datetime) -> dict[str, Any]:
-    out: dict[str, Any] = {"event": event, "timestamp": iso(now)}
+def _envelope(event: EventName, webhook_id: str | None, now: datetime) -> dict[str, Any]:
+    out: dict[str, Any] = {"event": event.value, "timestamp": iso(now)}
     if webhook_id is not None:
         out["webhook_id"] = webhook_id
         out["webhookId"] = webhook_id
@@ -59,10 +60,16 @@ def _outcome(g: GenerationRecord) -> dict[str, Any]:
     return out
 
 
+def generation_event(g: GenerationRecord) -> EventName:
+    """``async-embedding.completed`` for an embedding, else ``generation.completed``."""
+    if g.kind is Kind.EMBEDDING:
+        return EventName.EMBEDDING_COMPLETED
+    return EventName.GENERATION_COMPLETED
+
+
 def generation_completed(webhook_id: str, g: GenerationRecord, now: datetime) -> dict[str, Any]:
     """``generation.completed`` (``async-embedding.completed`` for an embedding)."""
-    event = EMBEDDING_COMPLETED if g.kind is Kind.EMBEDDING else GENERATION_COMPLETED
-    out = _envelope(event, webhook_id, now)
+    out = _envelope(generation_event(g), webhook_id, now)
     out["generation_id"] = g.id
     out["generationId"] = g.id
     data = _outcome(g)
@@ -87,7 +94,7 @@ def group_completed(
 ) -> dict[str, Any]:
     """``slow-group.completed``: every generation in submission order, with a summary."""
     ordered = sorted(gens, key=lambda g: (g.group_index is None, g.group_index or 0))
-    out = _envelope(GROUP_COMPLETED, webhook_id, now)
+    out = _envelope(EventName.GROUP_COMPLETED, webhook_id, now)
     out["group_id"] = group.id
     out["groupId"] = group.id
     out["data"] = {
@@ -104,14 +111,14 @@ def group_completed(
 
 def webhook_test(webhook_id: str, now: datetime) -> dict[str, Any]:
     """``webhook.test``, sent by ``POST /v1/webhooks/{id}/test``."""
-    out = _envelope(WEBHOOK_TEST, webhook_id, now)
+    out = _envelope(EventName.WEBHOOK_TEST, webhook_id, now)
     out["data"] = {"message": "This is a test event from backburner."}
     return out
 
 
 def batch_completed(webhook_id: str | None, batch: dict[str, Any], now: datetime) -> dict[str, Any]:
     """``batch.completed``; ``webhook_id`` is None when sent to a batch's own ``webhook_url``."""
-    out = _envelope(BATCH_COMPLETED, webhook_id, now)
+    out = _envelope(EventName.BATCH_COMPLETED, webhook_id, now)
     batch_id = batch.get("id")
     if batch_id is not None:
         out["batch_id"] = batch_id

@@ -1,56 +1,41 @@
-"""State transitions run by workers: claim, heartbeat, finish, release, recover, expire; and
-the bookkeeping every terminal transition does in its own transaction (webhook events, group and
-batch counters)."""
+"""Generations on the worker side: claim under a lease, heartbeat, finish, give back; and the
+maintenance that recovers lost leases and expires overdue work.
+
+Every write is a compare-and-set on the current state (allowed sources from
+:func:`backburner.core.states.sources`) and, for running work, on the lease owner: a worker whose
+lease was taken away records nothing.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backburner.core.clock import utcnow
 from backburner.core.outcome import Outcome
-from backburner.core.states import GroupStatus, State, StateMessage
+from backburner.core.states import GroupStatus, State, StateMessage, can_transition, sources
 from backburner.schemas.generation import GenerationRecord
 from backburner.store import codec
-from backburner.store.batch_runs import BatchRunsMixin
-from backburner.store.groups import GroupsMixin
-from backburner.store.tables import generations, groups, idempotency_keys
+from backburner.store.base import Database, one_of
+from backburner.store.idempotency import IdempotencyKeys
+from backburner.store.queue import TERMINAL_COLS
+from backburner.store.tables import generations, groups
+from backburner.store.terminal import Terminal
 
 G = generations
-TERMINAL_COLS = (G.c.id, G.c.group_id, G.c.webhook_id, G.c.batch_id, G.c.state)
+CLEARED = {"lease_owner": None, "lease_expires_at": None}
+IDEMPOTENCY_RETENTION = timedelta(days=2)
 
 
-class TransitionsMixin(GroupsMixin, BatchRunsMixin):
-    # ------------------------------------------------------------------ terminal bookkeeping
-    async def _after_terminal(
-        self, conn: AsyncConnection, finished: Sequence[Any], now: datetime
-    ) -> list[str]:
-        # rows (with ._mapping) or plain mappings
-        """In the transaction that made generations terminal: queue their webhook events and
-        count them against their groups. ``finished`` rows carry id, group_id and webhook_id."""
-        per_group: Counter[str] = Counter()
-        per_batch: dict[str, tuple[int, int]] = {}
-        for r in finished:
-            m = r._mapping if hasattr(r, "_mapping") else r
-            if m["webhook_id"]:
-                full = (await conn.execute(sa.select(G).where(G.c.id == m["id"]))).one()
-                await self._enqueue_generation_event(conn, codec.generation(full), now)
-            if m["group_id"]:
-                per_group[m["group_id"]] += 1
-            if m["batch_id"]:
-                ok, bad = per_batch.get(m["batch_id"], (0, 0))
-                success = m["state"] == State.SUCCESS.value
-                per_batch[m["batch_id"]] = (ok + success, bad + (not success))
-        if per_batch:
-            await self._batches_finished(conn, per_batch, now)
-        return await self._groups_finished(conn, per_group, now)
+class Work:
+    def __init__(self, db: Database, terminal: Terminal, idempotency: IdempotencyKeys) -> None:
+        self._db = db
+        self._terminal = terminal
+        self._idempotency = idempotency
 
-    # ------------------------------------------------------------------ scheduling
     async def claim(
         self, worker_id: str, models: Iterable[str], limit: int, lease_seconds: float
     ) -> list[GenerationRecord]:
@@ -62,7 +47,7 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
         pick = (
             sa.select(G.c.id)
             .where(
-                G.c.state == State.QUEUED.value,
+                one_of(G.c.state, sources(State.IN_PROGRESS)),
                 G.c.available_at <= now,
                 G.c.model.in_(models),
             )
@@ -85,17 +70,18 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
             )
             .returning(G)
         )
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             rows = (await conn.execute(stmt)).all()
         recs = [codec.generation(r) for r in rows]
         recs.sort(key=lambda r: (r.created_at, r.group_index or 0))
         return recs
 
     async def heartbeat(self, worker_id: str, ids: Sequence[str], lease_seconds: float) -> int:
+        """Extend the leases this worker still holds; returns how many."""
         if not ids:
             return 0
         now = utcnow()
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             res = await conn.execute(
                 G.update()
                 .where(
@@ -111,19 +97,20 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
         """Record outcomes of generations this worker holds, in one transaction.
 
         Only generations still In Progress under this worker's lease are written (they are
-        locked first), so a worker whose lease was taken away records nothing. Three statements
-        whatever the batch size: lock-and-read, then one executemany per kind of outcome.
+        locked first, and each outcome must be a transition the table allows from the state
+        read), so a worker whose lease was taken away records nothing. Three statements whatever
+        the batch size: lock-and-read, then one executemany per kind of outcome.
         Returns the ids of groups that completed.
         """
         if not outcomes:
             return []
         now = utcnow()
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             owned = {
                 r._mapping["id"]: dict(r._mapping)
                 for r in (
                     await conn.execute(
-                        sa.select(G.c.id, G.c.group_id, G.c.webhook_id, G.c.batch_id)
+                        sa.select(G.c.id, G.c.group_id, G.c.webhook_id, G.c.batch_id, G.c.state)
                         .where(
                             G.c.id.in_([o.generation_id for o in outcomes]),
                             G.c.state == State.IN_PROGRESS.value,
@@ -138,7 +125,7 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
             finished: list[dict[str, Any]] = []
             for o in outcomes:
                 row = owned.pop(o.generation_id, None)
-                if row is None:
+                if row is None or not can_transition(State(row["state"]), o.state):
                     continue
                 if o.state is State.QUEUED:
                     retry.append(
@@ -159,7 +146,6 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
                     }
                 )
                 finished.append({**row, "state": o.state.value})
-            cleared = {"lease_owner": None, "lease_expires_at": None}
             if done:
                 await conn.execute(
                     G.update()
@@ -169,7 +155,7 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
                         state_message=sa.bindparam("b_msg"),
                         response=sa.bindparam("b_resp"),
                         finished_at=now,
-                        **cleared,
+                        **CLEARED,
                     ),
                     done,
                 )
@@ -183,30 +169,29 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
                         available_at=sa.bindparam("b_at", type_=G.c.available_at.type),
                         # a claim counted this try; work given back unfinished uncounts it
                         attempts=G.c.attempts - sa.bindparam("b_uncount", type_=sa.Integer),
-                        **cleared,
+                        **CLEARED,
                     ),
                     retry,
                 )
-            return await self._after_terminal(conn, finished, now)
+            return await self._terminal.generations_finished(conn, finished, now)
 
     async def release(self, worker_id: str, ids: Sequence[str]) -> int:
         """Give back generations a stopping worker did not finish (the try is not counted)."""
         if not ids:
             return 0
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             res = await conn.execute(
                 G.update()
                 .where(
                     G.c.id.in_(list(ids)),
                     G.c.lease_owner == worker_id,
-                    G.c.state == State.IN_PROGRESS.value,
+                    one_of(G.c.state, sources(State.QUEUED, among=[State.IN_PROGRESS])),
                 )
                 .values(
                     state=State.QUEUED.value,
                     state_message=StateMessage.QUEUED,
-                    lease_owner=None,
-                    lease_expires_at=None,
                     attempts=sa.case((G.c.attempts > 0, G.c.attempts - 1), else_=0),
+                    **CLEARED,
                 )
             )
         return int(res.rowcount)
@@ -221,49 +206,60 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
             .limit(batch)
             .with_for_update(skip_locked=True)
         )
-        cleared = {"lease_owner": None, "lease_expires_at": None}
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             ids = [r[0] for r in (await conn.execute(pick)).all()]
             if not ids:
                 return 0
             doomed = (
                 await conn.execute(
                     G.update()
-                    .where(G.c.id.in_(ids), G.c.attempts >= give_up_after)
+                    .where(
+                        G.c.id.in_(ids),
+                        G.c.attempts >= give_up_after,
+                        one_of(G.c.state, sources(State.FAILED, among=[State.IN_PROGRESS])),
+                    )
                     .values(
                         state=State.FAILED.value,
                         state_message=f"Failed: its worker was lost on each of {give_up_after}"
                         " or more attempts",
                         finished_at=now,
-                        **cleared,
+                        **CLEARED,
                     )
                     .returning(*TERMINAL_COLS)
                 )
             ).all()
             if doomed:
-                await self._after_terminal(conn, doomed, now)
+                await self._terminal.generations_finished(conn, doomed, now)
             res = await conn.execute(
                 G.update()
-                .where(G.c.id.in_(ids), G.c.state == State.IN_PROGRESS.value)
+                .where(
+                    G.c.id.in_(ids),
+                    # not the ones just given up on (Failed -> Queued is a batch retry)
+                    one_of(G.c.state, sources(State.QUEUED, among=[State.IN_PROGRESS])),
+                )
                 .values(
                     state=State.QUEUED.value,
                     state_message=StateMessage.QUEUED,
                     available_at=now,
-                    **cleared,
+                    **CLEARED,
                 )
             )
         return int(res.rowcount) + len(doomed)
 
     async def expire_overdue(self, batch: int = 500) -> tuple[int, list[str]]:
-        """Queued work past its expiry becomes Failed "Expired"; so do its groups."""
+        """Queued work past its expiry becomes Failed "Expired"; so do its groups. Old
+        Idempotency-Key answers are dropped on the way."""
         now = utcnow()
         pick = (
             sa.select(G.c.id)
-            .where(G.c.state == State.QUEUED.value, G.c.expires_at < now)
+            .where(
+                one_of(G.c.state, sources(State.FAILED, among=[State.QUEUED])),
+                G.c.expires_at < now,
+            )
             .limit(batch)
             .with_for_update(skip_locked=True)
         )
-        async with self._writer.begin() as conn:
+        async with self._db.writer.begin() as conn:
             rows = (
                 await conn.execute(
                     G.update()
@@ -279,16 +275,12 @@ class TransitionsMixin(GroupsMixin, BatchRunsMixin):
             await conn.execute(
                 groups.update()
                 .where(
-                    groups.c.status == GroupStatus.IN_PROGRESS.value,
+                    one_of(groups.c.status, sources(GroupStatus.EXPIRED)),
                     groups.c.expires_at < now,
                     groups.c.pending > 0,
                 )
                 .values(status=GroupStatus.EXPIRED.value)
             )
-            completed = await self._after_terminal(conn, rows, now)
-            await conn.execute(
-                idempotency_keys.delete().where(
-                    idempotency_keys.c.created_at < now - timedelta(days=2)
-                )
-            )
+            completed = await self._terminal.generations_finished(conn, rows, now)
+            await self._idempotency.purge(conn, now - IDEMPOTENCY_RETENTION)
         return len(rows), completed

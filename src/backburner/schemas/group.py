@@ -1,0 +1,73 @@
+"""The Group API's submission body (SPEC section 3): strict at the top, each request as its single
+slow route validates it. What needs the server (served models, known webhooks) is checked beside
+these models, in :mod:`backburner.schemas.validation` and the route."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from backburner.core.states import Kind
+from backburner.schemas.openai import SlowChatCompletionRequest, SlowCompletionRequest
+
+MAX_GROUP_SIZE = 50
+SIZE_HINT = (
+    f"a group holds 1 to {MAX_GROUP_SIZE} requests; for more, use the Batch API"
+    " (POST /v1/files, then POST /v1/batches)"
+)
+
+
+class _GroupBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    kind: ClassVar[Kind]
+    hints: ClassVar[dict[str, str]] = {
+        "": 'send {"requests": [<request>, ...], "webhook_id"?, "metadata"?}',
+        "requests": SIZE_HINT,
+        "webhook_url": (
+            "use webhook_id (webhook_url is the Batch API's): register the URL with"
+            " POST /v1/webhooks and pass its id"
+        ),
+    }
+    """Said after a problem at these top-level keys ("" is the body itself)."""
+
+    @field_validator("requests", mode="before", check_fields=False)
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be empty")
+        if isinstance(v, list) and len(v) > MAX_GROUP_SIZE:
+            raise ValueError(f"has {len(v)} requests")
+        return v
+
+
+class GroupChatRequest(_GroupBody):
+    """``POST /v1/slow/group/chat/completions``."""
+
+    kind = Kind.CHAT
+
+    requests: Annotated[
+        list[SlowChatCompletionRequest], Field(min_length=1, max_length=MAX_GROUP_SIZE)
+    ]
+    webhook_id: str | None = None
+    """A webhook of yours, sent ``slow-group.completed`` when every generation is finished."""
+    metadata: dict[str, Any] | None = None
+    """Stored with the group and echoed back exactly as sent."""
+
+
+class GroupCompletionRequest(_GroupBody):
+    """``POST /v1/slow/group/completions``."""
+
+    kind = Kind.COMPLETION
+
+    requests: Annotated[list[SlowCompletionRequest], Field(min_length=1, max_length=MAX_GROUP_SIZE)]
+    webhook_id: str | None = None
+    """A webhook of yours, sent ``slow-group.completed`` when every generation is finished."""
+    metadata: dict[str, Any] | None = None
+    """Stored with the group and echoed back exactly as sent."""
+
+
+GROUP_REQUESTS: dict[Kind, type[_GroupBody]] = {
+    Kind.CHAT: GroupChatRequest,
+    Kind.COMPLETION: GroupCompletionRequest,
+}
