@@ -6,7 +6,7 @@ built at import time.
 
     Services
     ├── store        the database (SQLite or PostgreSQL)
-    ├── backends     each backend's engine and lane (admission, probes, preemption)
+    ├── engines      each backend's engine and lane (admission, probes, preemption)
     ├── metrics      the Prometheus registry
     ├── blobs        uploaded and result files
     └── with run_worker:
@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 
 from backburner.backends.base import Backend
+from backburner.backends.engines import Engines
 from backburner.backends.registry import build_backend
-from backburner.backends.router import ModelRouter
 from backburner.config import Settings
 from backburner.core.retry import Backoff
 from backburner.metrics import LaneCollector, Metrics
@@ -72,7 +72,7 @@ def _report_crash(task: asyncio.Task[None]) -> None:
 class Services:
     settings: Settings
     store: Store
-    backends: ModelRouter
+    engines: Engines
     metrics: Metrics
     blobs: LocalBlobStore
     worker: Worker | None = None
@@ -93,12 +93,12 @@ class Services:
         fakes); ``run_worker`` defaults to ``settings.run_worker``."""
         given = dict(backends or {})
         engines = {s.name: given.get(s.name) or build_backend(s) for s in settings.backends}
-        router = ModelRouter(settings.backends, engines)
+        catalog = Engines(settings.backends, engines)
         metrics = Metrics()
-        metrics.registry.register(LaneCollector(router.lanes))
+        metrics.registry.register(LaneCollector(catalog.lanes))
         store = Store(settings.database_url)
         blobs = LocalBlobStore(Path(settings.files_dir))
-        services = cls(settings, store, router, metrics, blobs)
+        services = cls(settings, store, catalog, metrics, blobs)
         if settings.run_worker if run_worker is None else run_worker:
             services._build_background()
         return services
@@ -120,7 +120,7 @@ class Services:
         )
         self.worker = Worker(
             self.store,
-            self.backends,
+            self.engines,
             worker_options(s),
             metrics=self.metrics,
             after_write=self.dispatcher.wake,
@@ -128,7 +128,7 @@ class Services:
         self.batches = BatchRunner(
             self.store,
             self.blobs,
-            self.backends.models,
+            self.engines.models,
             max_lines=s.batch_max_lines,
             poll_interval=max(s.poll_interval_seconds, 0.05) * 5,
         )
@@ -136,7 +136,7 @@ class Services:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         """Load the engines and start the lanes' probes."""
-        await self.backends.start()
+        await self.engines.start()
 
     def start_background(self) -> None:
         """Run the worker, batch runner and dispatcher as tasks of the current loop."""
@@ -172,7 +172,7 @@ class Services:
         await self.stop()
         if self._hook_client is not None:
             await self._hook_client.aclose()
-        await self.backends.close()
+        await self.engines.close()
         await self.store.close()
 
     # ------------------------------------------------------------------ wake-up interface

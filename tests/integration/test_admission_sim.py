@@ -88,7 +88,7 @@ async def test_probe_reads_the_engine_and_a_queue_holds_background(
 ) -> None:
     h, ctx = await start_app(sim, sqlite_url)
     try:
-        lane = h.state.router.lanes["sim"]
+        lane = h.state.engines.lanes["sim"]
         await until(lambda: lane.snapshot().probe_error is None)
         assert lane.probe.url == sim.removesuffix("/v1") + "/metrics"
         # other clients fill the engine past its 4 running sequences: a queue forms, longer
@@ -121,7 +121,7 @@ async def test_preempted_generation_completes_with_its_full_result(
 ) -> None:
     h, ctx = await start_app(sim, sqlite_url, preempt=True)
     try:
-        lane = h.state.router.lanes["sim"]
+        lane = h.state.engines.lanes["sim"]
         bodies = [slow_body(i, 150) for i in range(4)]
         ids = await submit(h, bodies)
         await until(lambda: len(lane._running) >= 2)

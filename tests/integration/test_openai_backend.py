@@ -1,5 +1,5 @@
 """OpenAIBackend against an httpx.MockTransport: URLs, auth header, error mapping, streaming;
-and ModelRouter's upstream body (metadata stripped, model alias mapped)."""
+and Engines's upstream body (metadata stripped, model alias mapped)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from backburner.backends.base import upstream_body
+from backburner.backends.engines import Engines
 from backburner.backends.openai import OpenAIBackend
-from backburner.backends.router import ModelRouter
 from backburner.config import BackendSettings
 from backburner.core.states import Kind
 from backburner.errors import BackendRejected, BackendRetryable, InvalidRequest
@@ -245,7 +245,7 @@ async def test_router_sends_engine_model_answers_public(make: Any) -> None:
     rec = Recorder(answer)
     s = settings(models={"public": "engine"})
     backend = await make(rec, models={"public": "engine"})
-    router = ModelRouter([s], {"up": backend})
+    router = Engines([s], {"up": backend})
     assert router.models == ["public"]
     body = {"model": "public", "metadata": {"webhook_id": "w"}, "messages": [], "top_k": 5}
     resp = await router.run_background(Kind.CHAT, body)
@@ -266,7 +266,7 @@ async def test_router_first_backend_listed_serves_a_model(make: Any) -> None:
     s2 = settings(name="two", models=["m", "other"])
     b1 = await make(first)
     b2 = await make(second)
-    router = ModelRouter([s1, s2], {"one": b1, "two": b2})
+    router = Engines([s1, s2], {"one": b1, "two": b2})
     await router.run_background(Kind.CHAT, CHAT_BODY)
     await router.run_background(Kind.CHAT, {**CHAT_BODY, "model": "other"})
     assert len(first.requests) == 1 and len(second.requests) == 1

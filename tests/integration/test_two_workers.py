@@ -7,7 +7,7 @@ import asyncio
 
 import sqlalchemy as sa
 
-from backburner.backends.router import ModelRouter
+from backburner.backends.engines import Engines
 from backburner.config import BackendSettings
 from backburner.core.states import Kind
 from backburner.scheduler import Worker, WorkerOptions
@@ -18,7 +18,7 @@ from tests.conftest import FAKE_MODEL
 from tests.support.fake_backend import FakeBackend
 
 
-def router(delay: float) -> ModelRouter:
+def router(delay: float) -> Engines:
     settings = [
         BackendSettings(
             name="fake",
@@ -28,7 +28,7 @@ def router(delay: float) -> ModelRouter:
             max_concurrency=8,
         )
     ]
-    return ModelRouter(settings, {"fake": FakeBackend("fake", delay=delay)})
+    return Engines(settings, {"fake": FakeBackend("fake", delay=delay)})
 
 
 async def test_two_workers_complete_a_group_once(store: Store, db_url: str) -> None:
@@ -61,7 +61,7 @@ async def test_two_workers_complete_a_group_once(store: Store, db_url: str) -> N
         Worker(
             s,
             router(0.005),
-            WorkerOptions(poll_interval=0.01, claim_batch=4, write_batch=3),
+            WorkerOptions(poll_interval=0.01, claim_size=4, write_size=3),
             worker_id=f"w{i}",
             on_groups_completed=note,
         )

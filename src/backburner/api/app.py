@@ -45,13 +45,13 @@ def create_app(
         app.state.bb = AppState(
             settings=settings,
             store=services.store,
-            router=services.backends,
+            engines=services.engines,
             metrics=services.metrics,
             blobs=services.blobs,
             wake=services,
         )
         services.start_background()
-        log.info("backburner %s ready: models %s", __version__, ", ".join(services.backends.models))
+        log.info("backburner %s ready: models %s", __version__, ", ".join(services.engines.models))
         try:
             yield
         finally:

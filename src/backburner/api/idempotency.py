@@ -29,8 +29,10 @@ class IdemKey:
         return Idempotency(self.key, self.request_hash, status_code, response)
 
 
-async def replay(st: AppState, tenant: str, key: IdemKey) -> JSONResponse | None:
-    found = await st.store.idempotency.answer(tenant, key.key, st.settings.idempotency_ttl_seconds)
+async def replay(ctx: AppState, tenant: str, key: IdemKey) -> JSONResponse | None:
+    found = await ctx.store.idempotency.answer(
+        tenant, key.key, ctx.settings.idempotency_ttl_seconds
+    )
     if found is None:
         return None
     request_hash, status_code, answer = found
@@ -44,7 +46,7 @@ async def replay(st: AppState, tenant: str, key: IdemKey) -> JSONResponse | None
 
 
 async def once(
-    st: AppState,
+    ctx: AppState,
     tenant: str,
     request: Request,
     raw: bytes,
@@ -53,7 +55,7 @@ async def once(
     """Run a POST handler at most once per Idempotency-Key (and body): a repeat gets the first
     successful answer. The key is saved right after the handler succeeds; answers that are
     errors are not saved, so a retry after an error runs again."""
-    key, replayed = await begin(st, tenant, request, raw)
+    key, replayed = await begin(ctx, tenant, request, raw)
     if replayed is not None:
         return replayed
     result = await run()
@@ -65,14 +67,14 @@ async def once(
         answer = json.loads(bytes(result.body))
     else:
         answer = result
-    await st.store.idempotency.save(
-        tenant, key.with_answer(answer), st.settings.idempotency_ttl_seconds
+    await ctx.store.idempotency.save(
+        tenant, key.with_answer(answer), ctx.settings.idempotency_ttl_seconds
     )
     return JSONResponse(answer)
 
 
 async def begin(
-    st: AppState, tenant: str, request: Request, raw: bytes
+    ctx: AppState, tenant: str, request: Request, raw: bytes
 ) -> tuple[IdemKey | None, JSONResponse | None]:
     """Returns (key to store with the work, or None) and a replayed answer, if any."""
     value = request.headers.get(HEADER)
@@ -81,4 +83,4 @@ async def begin(
     if not value or len(value) > 255:
         raise InvalidRequest("Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key")
     key = IdemKey(value, body_hash(request.url.path, raw))
-    return key, await replay(st, tenant, key)
+    return key, await replay(ctx, tenant, key)

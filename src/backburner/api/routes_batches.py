@@ -1,4 +1,4 @@
-"""OpenAI's Batches API (SPEC section 4), plus retry and partial results."""
+"""OpenAI's Batches API, plus retry and partial results."""
 
 from __future__ import annotations
 
@@ -19,18 +19,20 @@ from backburner.webhooks.delivery import UrlGuard
 
 
 async def create(
-    request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+    request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
 ) -> Any:
-    payload, raw_bytes = await read_json(request, st.settings.max_body_bytes)
-    return await idempotency.once(st, t, request, raw_bytes, lambda: _create(payload, t, st))
+    payload, raw_bytes = await read_json(request, ctx.settings.max_body_bytes)
+    return await idempotency.once(
+        ctx, tenant_id, request, raw_bytes, lambda: _create(payload, tenant_id, ctx)
+    )
 
 
-async def _create(payload: Any, t: str, st: AppState) -> dict[str, Any]:
+async def _create(payload: Any, tenant_id: str, ctx: AppState) -> dict[str, Any]:
     body, problems = check(BatchCreate, payload)
     if body is None:
         raise invalid(problems)
     try:
-        f = await st.store.files.get(t, body.input_file_id)
+        f = await ctx.store.files.get(tenant_id, body.input_file_id)
     except NotFound:
         raise InvalidRequest(
             f"input_file_id '{body.input_file_id}' is not a file of yours; upload one with"
@@ -43,19 +45,19 @@ async def _create(payload: Any, t: str, st: AppState) -> dict[str, Any]:
             param="input_file_id",
         )
     if body.webhook_url:
-        await UrlGuard(deny_private=st.settings.deny_private_webhooks).check(body.webhook_url)
-    batch = await st.store.batches.create(t, body)
-    st.wake_batches()
+        await UrlGuard(deny_private=ctx.settings.deny_private_webhooks).check(body.webhook_url)
+    batch = await ctx.store.batches.create(tenant_id, body)
+    ctx.wake_batches()
     return batch.to_wire()
 
 
 async def list_batches(
     after: str | None = None,
     limit: int = Query(20, ge=1, le=100),
-    t: str = Depends(tenant),
-    st: AppState = Depends(app_state),
+    tenant_id: str = Depends(tenant),
+    ctx: AppState = Depends(app_state),
 ) -> dict[str, Any]:
-    rows = await st.store.batches.list(t, after=after, limit=limit + 1)
+    rows = await ctx.store.batches.list(tenant_id, after=after, limit=limit + 1)
     page = rows[:limit]
     return {
         "object": "list",
@@ -67,48 +69,48 @@ async def list_batches(
 
 
 async def get(
-    batch_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+    batch_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
 ) -> dict[str, Any]:
-    return (await st.store.batches.get(t, batch_id)).to_wire()
+    return (await ctx.store.batches.get(tenant_id, batch_id)).to_wire()
 
 
 async def cancel(
     batch_id: str,
     request: Request,
-    t: str = Depends(tenant),
-    st: AppState = Depends(app_state),
+    tenant_id: str = Depends(tenant),
+    ctx: AppState = Depends(app_state),
 ) -> Any:
     async def run() -> dict[str, Any]:
-        b = await st.store.batches.cancel(t, batch_id)
-        st.wake_batches()
+        b = await ctx.store.batches.cancel(tenant_id, batch_id)
+        ctx.wake_batches()
         return b.to_wire()
 
-    return await idempotency.once(st, t, request, b"", run)
+    return await idempotency.once(ctx, tenant_id, request, b"", run)
 
 
 async def retry(
     batch_id: str,
     request: Request,
-    t: str = Depends(tenant),
-    st: AppState = Depends(app_state),
+    tenant_id: str = Depends(tenant),
+    ctx: AppState = Depends(app_state),
 ) -> Any:
     async def run() -> dict[str, Any]:
-        b = await st.store.batches.retry(t, batch_id)
-        st.wake_worker()
+        b = await ctx.store.batches.retry(tenant_id, batch_id)
+        ctx.wake_worker()
         return b.to_wire()
 
-    return await idempotency.once(st, t, request, b"", run)
+    return await idempotency.once(ctx, tenant_id, request, b"", run)
 
 
 async def results(
     batch_id: str,
     type: Literal["output", "error"] = "output",
-    t: str = Depends(tenant),
-    st: AppState = Depends(app_state),
+    tenant_id: str = Depends(tenant),
+    ctx: AppState = Depends(app_state),
 ) -> StreamingResponse:
-    b = await st.store.batches.get(t, batch_id)
+    b = await ctx.store.batches.get(tenant_id, batch_id)
     return StreamingResponse(
-        st.store.batches.results(b.id, type),
+        ctx.store.batches.results(b.id, type),
         media_type="application/jsonl",
         headers={
             "X-Backburner-Partial": "false" if b.terminal else "true",

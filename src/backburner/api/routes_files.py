@@ -1,4 +1,4 @@
-"""OpenAI's Files API (SPEC section 4): upload, list, retrieve, download, delete.
+"""OpenAI's Files API: upload, list, retrieve, download, delete.
 
 Uploads stream: the multipart body is parsed as it arrives (python-multipart's push parser) and
 the ``file`` part goes straight into the blob store in chunks while its bytes, lines and sha256
@@ -51,12 +51,12 @@ FORM_OVERHEAD = 1024 * 1024  # room for the form's other fields and part headers
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def blob_store(st: AppState) -> LocalBlobStore:
-    """The blob store of this app, built on first use from ``files_dir`` (kept as ``st.blobs``)."""
-    blobs = getattr(st, "blobs", None)
+def blob_store(ctx: AppState) -> LocalBlobStore:
+    """The blob store of this app, built on first use from ``files_dir`` (kept as ``ctx.blobs``)."""
+    blobs = getattr(ctx, "blobs", None)
     if not isinstance(blobs, LocalBlobStore):
-        blobs = LocalBlobStore(Path(st.settings.files_dir))
-        setattr(st, "blobs", blobs)  # noqa: B010 - AppState does not declare it
+        blobs = LocalBlobStore(Path(ctx.settings.files_dir))
+        setattr(ctx, "blobs", blobs)  # noqa: B010 - AppState does not declare it
     return blobs
 
 
@@ -204,7 +204,7 @@ class _Upload:
             await self.writer.abort()
 
 
-async def _receive(request: Request, st: AppState, file_id: str) -> tuple[_Upload, str]:
+async def _receive(request: Request, ctx: AppState, file_id: str) -> tuple[_Upload, str]:
     """Read the whole form, storing the file under ``file_id``; returns it and the purpose.
 
     The caller commits (or aborts) the upload's writer.
@@ -216,7 +216,7 @@ async def _receive(request: Request, st: AppState, file_id: str) -> tuple[_Uploa
             "send the upload as multipart/form-data with the fields 'file' and 'purpose'",
             param="file",
         )
-    max_bytes = st.settings.files_max_bytes
+    max_bytes = ctx.settings.files_max_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD:
         raise _too_large(max_bytes)
@@ -224,7 +224,7 @@ async def _receive(request: Request, st: AppState, file_id: str) -> tuple[_Uploa
         form = _Form(boundary)
     except (FormParserError, ValueError) as exc:
         raise InvalidRequest(f"bad multipart boundary: {exc}", param="file") from exc
-    up = _Upload(form, blob_store(st), file_id, max_bytes)
+    up = _Upload(form, blob_store(ctx), file_id, max_bytes)
     try:
         seen = 0
         try:
@@ -297,7 +297,7 @@ def files_router() -> APIRouter:
         openapi_extra=json_body(FileUpload, "multipart/form-data"),
     )
     async def upload(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> JSONResponse:
         header = request.headers.get(idempotency.HEADER)
         if header is not None and not 0 < len(header) <= 255:
@@ -305,7 +305,7 @@ def files_router() -> APIRouter:
                 "Idempotency-Key must be 1 to 255 characters", param="Idempotency-Key"
             )
         file_id = new_id()
-        up, purpose = await _receive(request, st, file_id)
+        up, purpose = await _receive(request, ctx, file_id)
         assert up.writer is not None and up.filename is not None
         info = await up.writer.commit()
         blobs = up.blobs
@@ -314,14 +314,14 @@ def files_router() -> APIRouter:
             if header is not None:
                 digest = f"{purpose}\0{up.filename}\0{info.sha256}".encode()
                 key = idempotency.IdemKey(header, body_hash(request.url.path, digest))
-                replayed = await idempotency.replay(st, t, key)
+                replayed = await idempotency.replay(ctx, tenant_id, key)
                 if replayed is not None:
                     await blobs.delete(file_id)
                     return replayed
             now = utcnow()
             answer = FileRecord(
                 id=file_id,
-                tenant=t,
+                tenant=tenant_id,
                 filename=up.filename,
                 purpose=purpose,
                 bytes=info.bytes,
@@ -335,8 +335,8 @@ def files_router() -> APIRouter:
                 deleted_at=None,
             ).to_wire()
             try:
-                rec = await st.store.files.create(
-                    t,
+                rec = await ctx.store.files.create(
+                    tenant_id,
                     file_id=file_id,
                     filename=up.filename,
                     purpose=purpose,
@@ -346,12 +346,12 @@ def files_router() -> APIRouter:
                     blob=file_id,
                     created_at=now,
                     idempotency=key.with_answer(answer) if key else None,
-                    idempotency_ttl=st.settings.idempotency_ttl_seconds,
+                    idempotency_ttl=ctx.settings.idempotency_ttl_seconds,
                 )
             except IdempotencyRace:
                 assert key is not None
                 await blobs.delete(file_id)
-                replayed = await idempotency.replay(st, t, key)
+                replayed = await idempotency.replay(ctx, tenant_id, key)
                 assert replayed is not None
                 return replayed
         except BaseException:
@@ -370,11 +370,11 @@ def files_router() -> APIRouter:
         limit: int = Query(MAX_LIST, ge=1, le=MAX_LIST),
         after: str | None = None,
         order: Literal["asc", "desc"] = "desc",
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
+        tenant_id: str = Depends(tenant),
+        ctx: AppState = Depends(app_state),
     ) -> dict[str, Any]:
-        recs = await st.store.files.list(
-            t, purpose=purpose, after=after, limit=limit + 1, order=order
+        recs = await ctx.store.files.list(
+            tenant_id, purpose=purpose, after=after, limit=limit + 1, order=order
         )
         page = recs[:limit]
         return {
@@ -392,9 +392,9 @@ def files_router() -> APIRouter:
         responses=responses(404),
     )
     async def get(
-        file_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        file_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> dict[str, Any]:
-        return (await st.store.files.get(t, file_id)).to_wire()
+        return (await ctx.store.files.get(tenant_id, file_id)).to_wire()
 
     @r.get(
         "/{file_id}/content",
@@ -403,18 +403,18 @@ def files_router() -> APIRouter:
         responses={**CONTENT, **responses(404)},
     )
     async def content(
-        file_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        file_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> StreamingResponse:
-        rec = await st.store.files.get(t, file_id)
+        rec = await ctx.store.files.get(tenant_id, file_id)
         media = "application/jsonl" if rec.filename.lower().endswith(".jsonl") else None
         headers = {"Content-Disposition": _disposition(rec.filename)}
         body: AsyncIterator[bytes]
         if rec.blob is not None:
             try:
-                reader = await blob_store(st).open(rec.blob)
+                reader = await blob_store(ctx).open(rec.blob)
             except BlobNotFound:
                 log.error(
-                    "file %s has no blob %s under %s", rec.id, rec.blob, st.settings.files_dir
+                    "file %s has no blob %s under %s", rec.id, rec.blob, ctx.settings.files_dir
                 )
                 raise BackburnerError(
                     f"the content of file '{rec.id}' is missing from the file store; with several"
@@ -424,7 +424,7 @@ def files_router() -> APIRouter:
             body = _stream(reader)
         else:
             # Batch output and error files are rendered from the database (store/batches.py).
-            body = st.store.batches.render_file(t, rec)
+            body = ctx.store.batches.render_file(tenant_id, rec)
         return StreamingResponse(
             body, media_type=media or "application/octet-stream", headers=headers
         )
@@ -436,11 +436,11 @@ def files_router() -> APIRouter:
         responses=responses(404),
     )
     async def delete(
-        file_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        file_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> dict[str, Any]:
-        rec = await st.store.files.delete(t, file_id)
+        rec = await ctx.store.files.delete(tenant_id, file_id)
         if rec.blob is not None:
-            await blob_store(st).delete(rec.blob)
+            await blob_store(ctx).delete(rec.blob)
         return {"id": rec.id, "object": "file", "deleted": True}
 
     return r

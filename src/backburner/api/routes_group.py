@@ -1,4 +1,4 @@
-"""The Group API: up to 50 requests in one body, tracked as one unit (SPEC section 3)."""
+"""The Group API: up to 50 requests in one body, tracked as one unit."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ from backburner.schemas.validation import Problem, validate_group
 from backburner.store import IdempotencyRace
 
 
-async def submit_group(kind: Kind, request: Request, tenant_id: str, st: AppState) -> JSONResponse:
-    body, raw = await read_json(request, st.settings.max_body_bytes)
-    key, replayed = await idempotency.begin(st, tenant_id, request, raw)
+async def submit_group(kind: Kind, request: Request, tenant_id: str, ctx: AppState) -> JSONResponse:
+    body, raw = await read_json(request, ctx.settings.max_body_bytes)
+    key, replayed = await idempotency.begin(ctx, tenant_id, request, raw)
     if replayed is not None:
         return replayed
-    problems, requests = validate_group(kind, body, st.router.models)
+    problems, requests = validate_group(kind, body, ctx.engines.models)
     webhook_id = body.get("webhook_id") if isinstance(body, dict) else None
-    if isinstance(webhook_id, str) and not await st.store.webhooks.exists(tenant_id, webhook_id):
+    if isinstance(webhook_id, str) and not await ctx.store.webhooks.exists(tenant_id, webhook_id):
         problems.append(
             Problem(
                 "webhook_id",
@@ -40,24 +40,24 @@ async def submit_group(kind: Kind, request: Request, tenant_id: str, st: AppStat
     gid = new_id()
     answer = GroupSubmitted(groupId=gid, groupSize=len(requests)).model_dump()
     try:
-        await st.store.groups.submit(
+        await ctx.store.groups.submit(
             tenant_id,
             kind,
             [new_generation(kind, r) for r in requests],
-            expiry_seconds=st.settings.expiry_seconds,
+            expiry_seconds=ctx.settings.expiry_seconds,
             metadata=body.get("metadata"),
             webhook_id=webhook_id,
             group_id=gid,
             idempotency=key.with_answer(answer) if key else None,
-            idempotency_ttl=st.settings.idempotency_ttl_seconds,
+            idempotency_ttl=ctx.settings.idempotency_ttl_seconds,
         )
     except IdempotencyRace:
         assert key is not None
-        replayed = await idempotency.replay(st, tenant_id, key)
+        replayed = await idempotency.replay(ctx, tenant_id, key)
         assert replayed is not None
         return replayed
-    st.metrics.submitted.labels(kind.value).inc(len(requests))
-    st.wake_worker()
+    ctx.metrics.submitted.labels(kind.value).inc(len(requests))
+    ctx.wake_worker()
     return JSONResponse(answer)
 
 
@@ -83,9 +83,9 @@ def group_router(prefix: str) -> APIRouter:
         **_submit_route(Kind.CHAT),
     )
     async def group_chat(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> JSONResponse:
-        return await submit_group(Kind.CHAT, request, t, st)
+        return await submit_group(Kind.CHAT, request, tenant_id, ctx)
 
     @r.post(
         "/completions",
@@ -93,9 +93,9 @@ def group_router(prefix: str) -> APIRouter:
         **_submit_route(Kind.COMPLETION),
     )
     async def group_completions(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> JSONResponse:
-        return await submit_group(Kind.COMPLETION, request, t, st)
+        return await submit_group(Kind.COMPLETION, request, tenant_id, ctx)
 
     @r.get(
         "/{group_id}/generations",
@@ -105,9 +105,9 @@ def group_router(prefix: str) -> APIRouter:
         responses=responses(404),
     )
     async def group_generations(
-        group_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        group_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> dict[str, Any]:
-        group, gens = await st.store.groups.get(t, group_id, with_generations=True)
+        group, gens = await ctx.store.groups.get(tenant_id, group_id, with_generations=True)
         return group.to_wire(gens)
 
     @r.get(
@@ -118,9 +118,9 @@ def group_router(prefix: str) -> APIRouter:
         responses=responses(404),
     )
     async def group_summary(
-        group_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        group_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> dict[str, Any]:
-        group, _ = await st.store.groups.get(t, group_id)
+        group, _ = await ctx.store.groups.get(tenant_id, group_id)
         return group.to_wire()
 
     @r.post(
@@ -133,12 +133,12 @@ def group_router(prefix: str) -> APIRouter:
     async def group_cancel(
         group_id: str,
         request: Request,
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
+        tenant_id: str = Depends(tenant),
+        ctx: AppState = Depends(app_state),
     ) -> Any:
         async def run() -> Any:
-            return (await st.store.groups.cancel(t, group_id)).to_wire()
+            return (await ctx.store.groups.cancel(tenant_id, group_id)).to_wire()
 
-        return await idempotency.once(st, t, request, b"", run)
+        return await idempotency.once(ctx, tenant_id, request, b"", run)
 
     return r

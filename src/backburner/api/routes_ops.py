@@ -1,4 +1,4 @@
-"""Health, readiness and metrics (SPEC section 7)."""
+"""Health, readiness and metrics."""
 
 from __future__ import annotations
 
@@ -35,16 +35,16 @@ def ops_router() -> APIRouter:
         response_model=Readiness,
         responses={503: {"model": Readiness, "description": "Not ready: what failed is named"}},
     )
-    async def readyz(st: AppState = Depends(app_state)) -> JSONResponse:
+    async def readyz(ctx: AppState = Depends(app_state)) -> JSONResponse:
         checks: dict[str, str] = {}
         ok = True
         try:
-            await st.store.ping()
+            await ctx.store.ping()
             checks["store"] = "ok"
         except Exception as exc:
             ok = False
             checks["store"] = f"error: {type(exc).__name__}"
-        for name, backend in st.router.backends.items():
+        for name, backend in ctx.engines.backends.items():
             try:
                 await backend.check()
                 checks[f"backend:{name}"] = "ok"
@@ -52,7 +52,7 @@ def ops_router() -> APIRouter:
                 ok = False
                 checks[f"backend:{name}"] = f"error: {getattr(exc, 'message', type(exc).__name__)}"
         scheduler: dict[str, Any] = {}
-        for name, lane in st.router.lanes.items():
+        for name, lane in ctx.engines.lanes.items():
             snap = lane.snapshot()
             load = snap.load
             scheduler[name] = {
@@ -80,14 +80,14 @@ def ops_router() -> APIRouter:
         )
 
     @r.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=PROMETHEUS)
-    async def metrics(st: AppState = Depends(app_state)) -> Response:
+    async def metrics(ctx: AppState = Depends(app_state)) -> Response:
         try:
-            counts = await st.store.generations.count_by_state()
+            counts = await ctx.store.generations.count_by_state()
         except Exception:
             counts = None  # the store being down must not hide the process's own metrics
         if counts is not None:
             for state in State:
-                st.metrics.generations.labels(state.value).set(counts.get(state.value, 0))
-        return Response(generate_latest(st.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+                ctx.metrics.generations.labels(state.value).set(counts.get(state.value, 0))
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return r

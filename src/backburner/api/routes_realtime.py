@@ -1,4 +1,4 @@
-"""The realtime lane (SPEC section 5): straight to the backend, ahead of slow work."""
+"""The realtime lane: straight to the backend, never queued behind slow work."""
 
 from __future__ import annotations
 
@@ -43,18 +43,18 @@ def _webhook_id(body: dict[str, Any]) -> str | None:
 
 
 async def _stream(
-    st: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]
+    ctx: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]
 ) -> StreamingResponse:
     started = utcnow()
     keep = _webhook_id(body) is not None  # then the folded answer is kept and announced
-    chunks = st.router.stream_realtime(kind, body)
+    chunks = ctx.engines.stream_realtime(kind, body)
     try:
         first = await anext(chunks)  # errors before the first chunk get a proper status
     except StopAsyncIteration:
         first = None
     except BackendError as exc:
         if keep:
-            await _record(st, tenant_id, kind, body, started, None, exc.message)
+            await _record(ctx, tenant_id, kind, body, started, None, exc.message)
         raise
 
     async def events() -> AsyncIterator[bytes]:
@@ -75,7 +75,7 @@ async def _stream(
         yield b"data: [DONE]\n\n"
         if keep:
             folded = None if error else fold_chunks(seen, chat=kind is Kind.CHAT)
-            await _record(st, tenant_id, kind, body, started, folded, error)
+            await _record(ctx, tenant_id, kind, body, started, folded, error)
 
     return StreamingResponse(
         events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -83,7 +83,7 @@ async def _stream(
 
 
 async def _record(
-    st: AppState,
+    ctx: AppState,
     tenant_id: str,
     kind: Kind,
     body: dict[str, Any],
@@ -91,61 +91,61 @@ async def _record(
     response: dict[str, Any] | None,
     error: str | None,
 ) -> None:
-    await st.store.generations.record_realtime(
+    await ctx.store.generations.record_realtime(
         tenant_id,
         new_generation(kind, body),
         state=State.FAILED if error is not None else State.SUCCESS,
         message=error if error is not None else StateMessage.COMPLETED,
         response=response,
         dispatched_at=started,
-        expiry_seconds=st.settings.expiry_seconds,
+        expiry_seconds=ctx.settings.expiry_seconds,
     )
-    st.wake_dispatcher()
+    ctx.wake_dispatcher()
 
 
 async def _run_and_notify(
-    st: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]
+    ctx: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]
 ) -> dict[str, Any]:
     """Run now; when ``metadata.webhook_id`` is set, keep the generation and fire
-    ``generation.completed`` for it, success or failure (SPEC section 5)."""
+    ``generation.completed`` for it, success or failure."""
     if _webhook_id(body) is None:
-        return await st.router.run_realtime(kind, body)
+        return await ctx.engines.run_realtime(kind, body)
     started = utcnow()
     try:
-        resp = await st.router.run_realtime(kind, body)
+        resp = await ctx.engines.run_realtime(kind, body)
     except BackendError as exc:
-        await _record(st, tenant_id, kind, body, started, None, exc.message)
+        await _record(ctx, tenant_id, kind, body, started, None, exc.message)
         raise
-    await _record(st, tenant_id, kind, body, started, resp, None)
+    await _record(ctx, tenant_id, kind, body, started, resp, None)
     return resp
 
 
-async def realtime(kind: Kind, request: Request, tenant_id: str, st: AppState) -> Response:
-    body, raw = await read_json(request, st.settings.max_body_bytes)
-    problems = validate_request(kind, body, st.router.models, slow=False)
+async def realtime(kind: Kind, request: Request, tenant_id: str, ctx: AppState) -> Response:
+    body, raw = await read_json(request, ctx.settings.max_body_bytes)
+    problems = validate_request(kind, body, ctx.engines.models, slow=False)
     if problems:
         raise invalid(problems)
     started = time.perf_counter()
     status = "ok"
     try:
         if body.get("stream") is True:
-            return await _stream(st, tenant_id, kind, body)
-        key, replayed = await idempotency.begin(st, tenant_id, request, raw)
+            return await _stream(ctx, tenant_id, kind, body)
+        key, replayed = await idempotency.begin(ctx, tenant_id, request, raw)
         if replayed is not None:
             return replayed
-        resp = await _run_and_notify(st, tenant_id, kind, body)
+        resp = await _run_and_notify(ctx, tenant_id, kind, body)
         if key is not None:
-            await st.store.idempotency.save(
-                tenant_id, key.with_answer(resp), st.settings.idempotency_ttl_seconds
+            await ctx.store.idempotency.save(
+                tenant_id, key.with_answer(resp), ctx.settings.idempotency_ttl_seconds
             )
         return JSONResponse(resp)
     except BackendError:
         status = "error"
         raise
     finally:
-        st.metrics.realtime.labels(kind.value, status).inc()
-        st.metrics.backend_seconds.labels(
-            st.router.route(str(body["model"])).backend.name, "realtime"
+        ctx.metrics.realtime.labels(kind.value, status).inc()
+        ctx.metrics.backend_seconds.labels(
+            ctx.engines.route(str(body["model"])).backend.name, "realtime"
         ).observe(time.perf_counter() - started)
 
 
@@ -189,9 +189,9 @@ def realtime_router() -> APIRouter:
         **_route(Kind.CHAT, ChatCompletion, streams=True),
     )
     async def chat(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> Response:
-        return await realtime(Kind.CHAT, request, t, st)
+        return await realtime(Kind.CHAT, request, tenant_id, ctx)
 
     @r.post(
         "/completions",
@@ -199,9 +199,9 @@ def realtime_router() -> APIRouter:
         **_route(Kind.COMPLETION, Completion, streams=True),
     )
     async def completions(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> Response:
-        return await realtime(Kind.COMPLETION, request, t, st)
+        return await realtime(Kind.COMPLETION, request, tenant_id, ctx)
 
     @r.post(
         "/embeddings",
@@ -209,17 +209,19 @@ def realtime_router() -> APIRouter:
         **_route(Kind.EMBEDDING, EmbeddingList, streams=False),
     )
     async def embeddings(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> Response:
-        return await realtime(Kind.EMBEDDING, request, t, st)
+        return await realtime(Kind.EMBEDDING, request, tenant_id, ctx)
 
     @r.get("/models", summary="Models served here", response_model=ModelList)
-    async def models(t: str = Depends(tenant), st: AppState = Depends(app_state)) -> dict[str, Any]:
+    async def models(
+        tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
+    ) -> dict[str, Any]:
         return {
             "object": "list",
             "data": [
                 {"id": m, "object": "model", "created": 0, "owned_by": "backburner"}
-                for m in st.router.models
+                for m in ctx.engines.models
             ],
         }
 

@@ -1,4 +1,4 @@
-"""Single slow requests and generation retrieval (SPEC section 2)."""
+"""Single slow requests and generation retrieval."""
 
 from __future__ import annotations
 
@@ -34,32 +34,32 @@ def new_generation(kind: Kind, body: dict[str, Any]) -> NewGeneration:
     )
 
 
-async def submit(kind: Kind, request: Request, tenant_id: str, st: AppState) -> JSONResponse:
-    body, raw = await read_json(request, st.settings.max_body_bytes)
-    key, replayed = await idempotency.begin(st, tenant_id, request, raw)
+async def submit(kind: Kind, request: Request, tenant_id: str, ctx: AppState) -> JSONResponse:
+    body, raw = await read_json(request, ctx.settings.max_body_bytes)
+    key, replayed = await idempotency.begin(ctx, tenant_id, request, raw)
     if replayed is not None:
         return replayed
-    problems = validate_request(kind, body, st.router.models)
+    problems = validate_request(kind, body, ctx.engines.models)
     if problems:
         raise invalid(problems)
     gid = new_id()
     answer = GenerationSubmitted(id=gid).model_dump()
     try:
-        await st.store.generations.submit(
+        await ctx.store.generations.submit(
             tenant_id,
             new_generation(kind, body),
-            expiry_seconds=st.settings.expiry_seconds,
+            expiry_seconds=ctx.settings.expiry_seconds,
             generation_id=gid,
             idempotency=key.with_answer(answer) if key else None,
-            idempotency_ttl=st.settings.idempotency_ttl_seconds,
+            idempotency_ttl=ctx.settings.idempotency_ttl_seconds,
         )
     except IdempotencyRace:
         assert key is not None
-        replayed = await idempotency.replay(st, tenant_id, key)
+        replayed = await idempotency.replay(ctx, tenant_id, key)
         assert replayed is not None
         return replayed
-    st.metrics.submitted.labels(kind.value).inc()
-    st.wake_worker()
+    ctx.metrics.submitted.labels(kind.value).inc()
+    ctx.wake_worker()
     return JSONResponse(answer)
 
 
@@ -81,9 +81,9 @@ def slow_router(prefix: str) -> APIRouter:
         **_submit_route(Kind.CHAT),
     )
     async def slow_chat(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> JSONResponse:
-        return await submit(Kind.CHAT, request, t, st)
+        return await submit(Kind.CHAT, request, tenant_id, ctx)
 
     @r.post(
         "/completions",
@@ -91,9 +91,9 @@ def slow_router(prefix: str) -> APIRouter:
         **_submit_route(Kind.COMPLETION),
     )
     async def slow_completion(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> JSONResponse:
-        return await submit(Kind.COMPLETION, request, t, st)
+        return await submit(Kind.COMPLETION, request, tenant_id, ctx)
 
     @r.post(
         "/embeddings",
@@ -101,9 +101,9 @@ def slow_router(prefix: str) -> APIRouter:
         **_submit_route(Kind.EMBEDDING),
     )
     async def slow_embeddings(
-        request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> JSONResponse:
-        return await submit(Kind.EMBEDDING, request, t, st)
+        return await submit(Kind.EMBEDDING, request, tenant_id, ctx)
 
     return r
 
@@ -122,9 +122,9 @@ def generation_router() -> APIRouter:
         response_model_exclude_unset=True,
     )
     async def get_generation(
-        generation_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+        generation_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> dict[str, Any]:
-        return (await st.store.generations.get(t, generation_id)).to_wire()
+        return (await ctx.store.generations.get(tenant_id, generation_id)).to_wire()
 
     @r.post(
         "/{generation_id}/cancel",
@@ -136,12 +136,12 @@ def generation_router() -> APIRouter:
     async def cancel_generation(
         generation_id: str,
         request: Request,
-        t: str = Depends(tenant),
-        st: AppState = Depends(app_state),
+        tenant_id: str = Depends(tenant),
+        ctx: AppState = Depends(app_state),
     ) -> Any:
         async def run() -> Any:
-            return (await st.store.generations.cancel(t, generation_id)).to_wire()
+            return (await ctx.store.generations.cancel(tenant_id, generation_id)).to_wire()
 
-        return await idempotency.once(st, t, request, b"", run)
+        return await idempotency.once(ctx, tenant_id, request, b"", run)
 
     return r

@@ -1,4 +1,4 @@
-"""Webhook management (SPEC section 6): endpoints, test events, the delivery log, redelivery."""
+"""Webhook management: endpoints, test events, the delivery log, redelivery."""
 
 from __future__ import annotations
 
@@ -28,22 +28,22 @@ from backburner.webhooks.delivery import UrlGuard
 from backburner.webhooks.signing import new_secret
 
 
-def _guard(st: AppState) -> UrlGuard:
-    return UrlGuard(deny_private=st.settings.deny_private_webhooks)
+def _guard(ctx: AppState) -> UrlGuard:
+    return UrlGuard(deny_private=ctx.settings.deny_private_webhooks)
 
 
 async def create(
-    request: Request, t: str = Depends(tenant), st: AppState = Depends(app_state)
+    request: Request, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
 ) -> Any:
-    payload, raw = await read_json(request, st.settings.max_body_bytes)
+    payload, raw = await read_json(request, ctx.settings.max_body_bytes)
 
     async def run() -> dict[str, Any]:
         body, problems = check(WebhookCreate, payload)
         if body is None:
             raise invalid(problems)
-        await _guard(st).check(body.url)
-        rec = await st.store.webhooks.create(
-            t,
+        await _guard(ctx).check(body.url)
+        rec = await ctx.store.webhooks.create(
+            tenant_id,
             url=body.url,
             secret=new_secret(),
             name=body.name,
@@ -52,54 +52,57 @@ async def create(
         )
         return rec.to_wire(with_secret=True)
 
-    return await idempotency.once(st, t, request, raw, run)
+    return await idempotency.once(ctx, tenant_id, request, raw, run)
 
 
 async def list_webhooks(
-    t: str = Depends(tenant), st: AppState = Depends(app_state)
+    tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
 ) -> dict[str, Any]:
-    return {"object": "list", "data": [w.to_wire() for w in await st.store.webhooks.list(t)]}
+    return {
+        "object": "list",
+        "data": [w.to_wire() for w in await ctx.store.webhooks.list(tenant_id)],
+    }
 
 
 async def get(
-    webhook_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+    webhook_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
 ) -> dict[str, Any]:
-    return (await st.store.webhooks.get(t, webhook_id)).to_wire()
+    return (await ctx.store.webhooks.get(tenant_id, webhook_id)).to_wire()
 
 
 async def update(
     webhook_id: str,
     request: Request,
-    t: str = Depends(tenant),
-    st: AppState = Depends(app_state),
+    tenant_id: str = Depends(tenant),
+    ctx: AppState = Depends(app_state),
 ) -> dict[str, Any]:
-    payload, _ = await read_json(request, st.settings.max_body_bytes)
+    payload, _ = await read_json(request, ctx.settings.max_body_bytes)
     body, problems = check(WebhookUpdate, payload)
     if body is None:
         raise invalid(problems)
-    await st.store.webhooks.get(t, webhook_id)  # 404 before validating the URL
+    await ctx.store.webhooks.get(tenant_id, webhook_id)  # 404 before validating the URL
     changes = body.model_dump(exclude_unset=True)
     if "url" in changes:
-        await _guard(st).check(changes["url"])
-    return (await st.store.webhooks.update(t, webhook_id, changes)).to_wire()
+        await _guard(ctx).check(changes["url"])
+    return (await ctx.store.webhooks.update(tenant_id, webhook_id, changes)).to_wire()
 
 
 async def delete(
-    webhook_id: str, t: str = Depends(tenant), st: AppState = Depends(app_state)
+    webhook_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
 ) -> dict[str, Any]:
-    await st.store.webhooks.delete(t, webhook_id)
+    await ctx.store.webhooks.delete(tenant_id, webhook_id)
     return {"id": webhook_id, "object": "webhook", "deleted": True}
 
 
 async def test(
     webhook_id: str,
     request: Request,
-    t: str = Depends(tenant),
-    st: AppState = Depends(app_state),
+    tenant_id: str = Depends(tenant),
+    ctx: AppState = Depends(app_state),
 ) -> Any:
     async def run() -> dict[str, Any]:
-        event_id = await st.store.outbox.enqueue_test(t, webhook_id)
-        st.wake_dispatcher()
+        event_id = await ctx.store.outbox.enqueue_test(tenant_id, webhook_id)
+        ctx.wake_dispatcher()
         return {
             "id": event_id,
             "object": "webhook.delivery",
@@ -108,32 +111,32 @@ async def test(
             "state": EventState.PENDING.value,
         }
 
-    return await idempotency.once(st, t, request, b"", run)
+    return await idempotency.once(ctx, tenant_id, request, b"", run)
 
 
 async def deliveries(
     webhook_id: str,
     limit: int = 100,
-    t: str = Depends(tenant),
-    st: AppState = Depends(app_state),
+    tenant_id: str = Depends(tenant),
+    ctx: AppState = Depends(app_state),
 ) -> dict[str, Any]:
     limit = max(1, min(limit, 1000))
-    attempts = await st.store.outbox.attempts(t, webhook_id, limit)
+    attempts = await ctx.store.outbox.attempts(tenant_id, webhook_id, limit)
     return {"object": "list", "data": [a.to_wire() for a in attempts]}
 
 
 async def redeliver(
     delivery_id: str,
     request: Request,
-    t: str = Depends(tenant),
-    st: AppState = Depends(app_state),
+    tenant_id: str = Depends(tenant),
+    ctx: AppState = Depends(app_state),
 ) -> Any:
     async def run() -> dict[str, Any]:
-        event_id = await st.store.outbox.redeliver(t, delivery_id)
-        st.wake_dispatcher()
+        event_id = await ctx.store.outbox.redeliver(tenant_id, delivery_id)
+        ctx.wake_dispatcher()
         return {"id": event_id, "object": "webhook.delivery", "state": EventState.PENDING.value}
 
-    return await idempotency.once(st, t, request, b"", run)
+    return await idempotency.once(ctx, tenant_id, request, b"", run)
 
 
 def webhooks_router() -> APIRouter:

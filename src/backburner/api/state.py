@@ -8,7 +8,7 @@ from typing import Protocol
 
 from fastapi import Request
 
-from backburner.backends.router import ModelRouter
+from backburner.backends.engines import Engines
 from backburner.config import Settings
 from backburner.metrics import Metrics
 from backburner.store import Store
@@ -29,7 +29,7 @@ class WakeUp(Protocol):
 class AppState:
     settings: Settings
     store: Store
-    router: ModelRouter
+    engines: Engines
     metrics: Metrics
     blobs: LocalBlobStore
     wake: WakeUp
@@ -51,5 +51,5 @@ class AppState:
 
 
 def app_state(request: Request) -> AppState:
-    st: AppState = request.app.state.bb
-    return st
+    ctx: AppState = request.app.state.bb
+    return ctx

@@ -1,6 +1,6 @@
 """Every status backburner stores, and the transitions allowed between them.
 
-Generations (SPEC section 2)::
+Generations::
 
     Queued ──claim──> In Progress ──ok──> Success
      ^ │ ^                 │  │
@@ -11,7 +11,7 @@ Generations (SPEC section 2)::
 
 Groups: ``in_progress`` -> ``completed`` | ``cancelled`` | ``expired``.
 
-Batches (OpenAI's statuses, SPEC section 4)::
+Batches (OpenAI's batch statuses)::
 
     validating ──valid──> in_progress ──last request done──> finalizing ──> completed | expired
     validating ──a bad line──> failed
@@ -27,7 +27,8 @@ Files are ``processed`` when their row is written and never change status (a del
 
 Each table below maps a status to the statuses it may move to. Every write in the store is a
 compare-and-set whose allowed current statuses come from :func:`sources`, so a transition missing
-here is refused by the SQL. The strings are wire values (SPEC): never change them.
+here is refused by the SQL. The strings are wire values that clients compare against: never
+change them.
 """
 
 from __future__ import annotations

@@ -52,14 +52,14 @@ async def iter_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, b
         yield lineno + 1, buf
 
 
-def _loaded_line(b: BatchRecord, lineno: int, raw: bytes) -> BatchLine:
+def _loaded_line(batch: BatchRecord, lineno: int, raw: bytes) -> BatchLine:
     """A line that passed validation: read it without validating it again."""
     try:
         obj = json.loads(raw)
         return BatchLine(str(obj["custom_id"]), dict(obj["body"]))
     except (ValueError, KeyError, TypeError) as exc:  # the file changed after validation
         raise BackburnerError(
-            f"batch {b.id}: input line {lineno} changed after validation"
+            f"batch {batch.id}: input line {lineno} changed after validation"
         ) from exc
 
 
@@ -103,12 +103,12 @@ class BatchRunner:
     async def run(self, *, burst: bool = False) -> None:
         while not self._stopping.is_set():
             try:
-                b = await self.store.batch_runs.claim(self.id, self.lease_seconds)
+                batch = await self.store.batch_runs.claim(self.id, self.lease_seconds)
             except Exception:
                 log.exception("claiming batch work failed")
-                b = None
-            if b is not None:
-                await self._handle(b)
+                batch = None
+            if batch is not None:
+                await self._handle(batch)
                 continue
             if burst:
                 return
@@ -122,33 +122,37 @@ class BatchRunner:
             with contextlib.suppress(Exception):
                 await self.store.batch_runs.renew(self.id, batch_id, self.lease_seconds)
 
-    async def _handle(self, b: BatchRecord) -> None:
-        keeper = asyncio.create_task(self._keep_lease(b.id))
+    async def _handle(self, batch: BatchRecord) -> None:
+        keeper = asyncio.create_task(self._keep_lease(batch.id))
         try:
-            if b.status == BatchStatus.VALIDATING:
-                total = await self.validate(b)
-                if total is not None and await self.store.batch_runs.start(self.id, b.id, total):
-                    b = await self.store.batches.get(b.tenant, b.id)
-                    await self.load(b)
-            elif b.status in BATCH_RUNNING and b.loaded < b.total:
-                await self.load(b)
-            elif b.status == BatchStatus.FINALIZING or (
-                b.status == BatchStatus.CANCELLING and b.pending <= 0
+            if batch.status == BatchStatus.VALIDATING:
+                total = await self.validate(batch)
+                if total is not None and await self.store.batch_runs.start(
+                    self.id, batch.id, total
+                ):
+                    batch = await self.store.batches.get(batch.tenant, batch.id)
+                    await self.load(batch)
+            elif batch.status in BATCH_RUNNING and batch.loaded < batch.total:
+                await self.load(batch)
+            elif batch.status == BatchStatus.FINALIZING or (
+                batch.status == BatchStatus.CANCELLING and batch.pending <= 0
             ):
-                await self.finalize(b)
+                await self.finalize(batch)
         except Exception:
-            log.exception("batch %s: work failed; another try follows when the lease ends", b.id)
+            log.exception(
+                "batch %s: work failed; another try follows when the lease ends", batch.id
+            )
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             with contextlib.suppress(Exception):
-                await self.store.batch_runs.release(self.id, b.id)
+                await self.store.batch_runs.release(self.id, batch.id)
 
-    async def _lines(self, b: BatchRecord) -> AsyncIterator[tuple[int, bytes]]:
-        record = await self.store.files.get(b.tenant, b.input_file_id)
+    async def _lines(self, batch: BatchRecord) -> AsyncIterator[tuple[int, bytes]]:
+        record = await self.store.files.get(batch.tenant, batch.input_file_id)
         if record.blob is None:
-            raise BackburnerError(f"input file {b.input_file_id} has no content")
+            raise BackburnerError(f"input file {batch.input_file_id} has no content")
         reader = await self.blobs.open(record.blob)
         try:
             async for item in iter_lines(reader):
@@ -156,13 +160,13 @@ class BatchRunner:
         finally:
             await reader.aclose()
 
-    async def validate(self, b: BatchRecord) -> int | None:
+    async def validate(self, batch: BatchRecord) -> int | None:
         """Check every line; returns the number of requests, or None when the batch failed."""
         errors: list[LineError] = []
         bad_lines = 0
         hashes: array[int] = array("q")
         try:
-            async for lineno, raw in self._lines(b):
+            async for lineno, raw in self._lines(batch):
                 if len(hashes) + bad_lines >= self.max_lines:
                     errors.append(
                         LineError(
@@ -173,7 +177,7 @@ class BatchRunner:
                     )
                     bad_lines += 1
                     break
-                parsed = parse_line(lineno, raw, b.endpoint, self.models)
+                parsed = parse_line(lineno, raw, batch.endpoint, self.models)
                 if isinstance(parsed, list):
                     bad_lines += 1
                     if len(errors) < MAX_REPORTED_ERRORS:
@@ -185,7 +189,7 @@ class BatchRunner:
         if not errors and not hashes:
             errors.append(LineError(0, "the input file holds no requests"))
         if len(hashes) > 1:  # report duplicates in the same round as other errors
-            errors.extend(await self._duplicates(b, hashes))
+            errors.extend(await self._duplicates(batch, hashes))
             errors.sort(key=lambda e: e.line)
             del errors[MAX_REPORTED_ERRORS:]
         if errors:
@@ -200,12 +204,12 @@ class BatchRunner:
                         f" {len(errors)} are listed",
                     }
                 )
-            await self.store.batch_runs.fail(self.id, b.id, wire)
-            log.info("batch %s failed validation: %d bad lines", b.id, max(bad_lines, 1))
+            await self.store.batch_runs.fail(self.id, batch.id, wire)
+            log.info("batch %s failed validation: %d bad lines", batch.id, max(bad_lines, 1))
             return None
         return len(hashes)
 
-    async def _duplicates(self, b: BatchRecord, hashes: array[int]) -> list[LineError]:
+    async def _duplicates(self, batch: BatchRecord, hashes: array[int]) -> list[LineError]:
         ordered = sorted(hashes)
         suspects = {x for x, y in itertools.pairwise(ordered) if x == y}
         del ordered
@@ -213,8 +217,8 @@ class BatchRunner:
             return []
         seen: dict[str, int] = {}
         out: list[LineError] = []
-        async for lineno, raw in self._lines(b):
-            parsed = parse_line(lineno, raw, b.endpoint, self.models)
+        async for lineno, raw in self._lines(batch):
+            parsed = parse_line(lineno, raw, batch.endpoint, self.models)
             if isinstance(parsed, list) or _h(parsed.custom_id) not in suspects:
                 continue
             first = seen.setdefault(parsed.custom_id, lineno)
@@ -230,55 +234,57 @@ class BatchRunner:
                 )
         return out
 
-    async def load(self, b: BatchRecord) -> None:
+    async def load(self, batch: BatchRecord) -> None:
         index = 0
         chunk: list[BatchLine] = []
-        first = b.loaded
-        async for lineno, raw in self._lines(b):
-            if index < b.loaded:
+        first = batch.loaded
+        async for lineno, raw in self._lines(batch):
+            if index < batch.loaded:
                 index += 1
                 continue
-            chunk.append(_loaded_line(b, lineno, raw))
+            chunk.append(_loaded_line(batch, lineno, raw))
             index += 1
             if len(chunk) >= self.chunk_lines:
-                if not await self._load_chunk(b, first, chunk):
+                if not await self._load_chunk(batch, first, chunk):
                     return
                 first += len(chunk)
                 chunk = []
         if chunk:
-            await self._load_chunk(b, first, chunk)
+            await self._load_chunk(batch, first, chunk)
 
-    async def _load_chunk(self, b: BatchRecord, first: int, chunk: list[BatchLine]) -> bool:
-        return await self.store.batch_runs.load_chunk(self.id, b, first, chunk, b.kind)
+    async def _load_chunk(self, batch: BatchRecord, first: int, chunk: list[BatchLine]) -> bool:
+        return await self.store.batch_runs.load_chunk(self.id, batch, first, chunk, batch.kind)
 
-    async def finalize(self, b: BatchRecord) -> None:
+    async def finalize(self, batch: BatchRecord) -> None:
         now = utcnow()
         made: dict[str, dict[str, Any] | None] = {"output": None, "error": None}
-        for kind, count in (("output", b.completed), ("error", b.failed)):
+        for kind, count in (("output", batch.completed), ("error", batch.failed)):
             if count == 0:
                 continue
             fid = new_id()
-            info = await self.blobs.write(fid, self.store.batches.results(b.id, kind))
+            info = await self.blobs.write(fid, self.store.batches.results(batch.id, kind))
             made[kind] = {
                 "id": fid,
-                "tenant": b.tenant,
-                "filename": f"batch_{b.id}_{kind}.jsonl",
+                "tenant": batch.tenant,
+                "filename": f"batch_{batch.id}_{kind}.jsonl",
                 "purpose": "batch_output" if kind == "output" else "batch_error",
                 "bytes": info.bytes,
                 "lines": info.lines,
                 "sha256": info.sha256,
                 "blob": fid,
-                "batch_id": b.id,
+                "batch_id": batch.id,
                 "status": FileStatus.PROCESSED.value,
                 "created_at": now,
                 "expires_at": None,
                 "deleted_at": None,
             }
         try:
-            await self.store.batch_runs.finalize(self.id, b, made["output"], made["error"])
+            await self.store.batch_runs.finalize(self.id, batch, made["output"], made["error"])
         except Exception:
             for f in made.values():
                 if f is not None:
                     await self.blobs.delete(str(f["id"]))
             raise
-        log.info("batch %s finalized: %d completed, %d failed", b.id, b.completed, b.failed)
+        log.info(
+            "batch %s finalized: %d completed, %d failed", batch.id, batch.completed, batch.failed
+        )

@@ -1,9 +1,9 @@
-"""The worker: one claim loop per backend, a heartbeat, a batching result writer, maintenance.
+"""The worker: a claim loop per backend, a heartbeat, a result writer, maintenance.
 
 Flow of one generation: a backend loop takes the background slots its lane admits (the engine is
 idle enough; docs/scheduling.md), claims that many generations (a leased compare-and-set in the
 store), runs each on the backend, and queues the outcome; a generation preempted for realtime
-traffic is queued again without counting the try; the writer records outcomes in batches; the
+traffic is queued again without counting the try; the writer records outcomes a group at a time; the
 heartbeat extends leases of everything this worker holds until its outcome is written. A worker
 that dies stops heart-beating; maintenance in any worker returns its generations to Queued when
 their leases run out.
@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from backburner.backends.router import ModelRouter
+from backburner.backends.engines import Engines
 from backburner.core.clock import utcnow
 from backburner.core.ids import lease_owner_id
 from backburner.core.outcome import Outcome
@@ -41,8 +41,8 @@ class WorkerOptions:
     poll_interval: float = 0.2
     maintenance_interval: float = 5.0
     backoff: Backoff = field(default_factory=Backoff)
-    claim_batch: int = 64
-    write_batch: int = 256
+    claim_size: int = 64
+    write_size: int = 256
     shutdown_grace: float = 10.0
 
 
@@ -50,7 +50,7 @@ class Worker:
     def __init__(
         self,
         store: Store,
-        router: ModelRouter,
+        engines: Engines,
         options: WorkerOptions | None = None,
         *,
         metrics: Metrics | None = None,
@@ -59,12 +59,12 @@ class Worker:
         after_write: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
-        self.router = router
+        self.engines = engines
         self.opts = options or WorkerOptions()
         self.metrics = metrics or Metrics()
         self.id = worker_id or lease_owner_id("worker")
         self.on_groups_completed = on_groups_completed
-        self.after_write = after_write  # e.g. wake the webhook dispatcher
+        self.after_write = after_write  # e.generation. wake the webhook dispatcher
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._held: set[str] = set()  # claimed and not yet written
         self._results: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=4096)
@@ -87,13 +87,13 @@ class Worker:
         if burst:  # a burst is a one-shot drain: a worker may run several in a row
             self._stopping.clear()
             self._beat_stop.clear()
-        log.info("worker %s starting (backends: %s)", self.id, ", ".join(self.router.backends))
+        log.info("worker %s starting (backends: %s)", self.id, ", ".join(self.engines.backends))
         writer = asyncio.create_task(self._writer(), name="bb-writer")
         beat = asyncio.create_task(self._heartbeat(), name="bb-heartbeat")
         maint = None if burst else asyncio.create_task(self._maintenance(), name="bb-maint")
         loops = [
             asyncio.create_task(self._backend_loop(name, burst), name=f"bb-loop-{name}")
-            for name, models in self.router.models_by_backend.items()
+            for name, models in self.engines.models_by_backend.items()
             if models
         ]
         try:
@@ -140,15 +140,15 @@ class Worker:
         return all(self._idle.values()) and not self._inflight and self._results.empty()
 
     async def _backend_loop(self, name: str, burst: bool) -> None:
-        lane = self.router.lanes[name]
-        models = self.router.models_by_backend[name]
+        lane = self.engines.lanes[name]
+        models = self.engines.models_by_backend[name]
         self._idle[name] = False
         settled = False
         while not self._stopping.is_set():
             if lane.free_for_background() == 0:
                 await lane.wait_background_capacity(self.opts.poll_interval)
                 continue
-            n = lane.take_background(self.opts.claim_batch)
+            n = lane.take_background(self.opts.claim_size)
             try:
                 claimed = await self.store.work.claim(self.id, models, n, self.opts.lease_seconds)
             except Exception:
@@ -158,10 +158,12 @@ class Worker:
                 continue
             if len(claimed) < n:
                 lane.release_background(n - len(claimed))
-            for g in claimed:
-                self._held.add(g.id)
-                task = asyncio.create_task(self._execute(name, g), name=f"bb-gen-{g.id}")
-                self._inflight[g.id] = task
+            for generation in claimed:
+                self._held.add(generation.id)
+                task = asyncio.create_task(
+                    self._execute(name, generation), name=f"bb-gen-{generation.id}"
+                )
+                self._inflight[generation.id] = task
             if claimed:
                 self._idle[name] = False
                 settled = False
@@ -183,80 +185,81 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.opts.poll_interval)
 
-    async def _execute(self, backend: str, g: GenerationRecord) -> None:
-        lane = self.router.lanes[backend]
+    async def _execute(self, backend: str, generation: GenerationRecord) -> None:
+        lane = self.engines.lanes[backend]
         start = time.perf_counter()
         self.metrics.inflight.inc()
         try:
-            outcome = await self._attempt(g)
+            outcome = await self._attempt(generation)
         finally:
             lane.release_background()
             self.metrics.inflight.dec()
             self.metrics.backend_seconds.labels(backend, "slow").observe(
                 time.perf_counter() - start
             )
-            self._inflight.pop(g.id, None)
+            self._inflight.pop(generation.id, None)
         await self._results.put(outcome)
 
-    async def _attempt(self, g: GenerationRecord) -> Outcome:
+    async def _attempt(self, generation: GenerationRecord) -> Outcome:
         try:
-            response = await self.router.run_background(g.kind, g.request)
+            response = await self.engines.run_background(generation.kind, generation.request)
         except asyncio.CancelledError:
             raise
         except Preempted as exc:
             self.metrics.preempted.inc()
-            return Outcome(g.id, State.QUEUED, exc.message, count_attempt=False)
+            return Outcome(generation.id, State.QUEUED, exc.message, count_attempt=False)
         except BackendError as exc:
-            return self._failure(g, exc.message, exc.retryable)
+            return self._failure(generation, exc.message, exc.retryable)
         except Exception as exc:  # an engine bug: treat as transient, keep the message
-            log.exception("backend raised unexpectedly for generation %s", g.id)
-            return self._failure(g, f"internal error: {exc!r}", True)
-        return Outcome(g.id, State.SUCCESS, StateMessage.COMPLETED, response=response)
+            log.exception("backend raised unexpectedly for generation %s", generation.id)
+            return self._failure(generation, f"internal error: {exc!r}", True)
+        return Outcome(generation.id, State.SUCCESS, StateMessage.COMPLETED, response=response)
 
-    def _failure(self, g: GenerationRecord, message: str, retryable: bool) -> Outcome:
-        if should_retry(g.attempts, self.opts.max_attempts, retryable):
+    def _failure(self, generation: GenerationRecord, message: str, retryable: bool) -> Outcome:
+        if should_retry(generation.attempts, self.opts.max_attempts, retryable):
             self.metrics.retried.inc()
-            delay = self.opts.backoff.delay(g.attempts)
+            delay = self.opts.backoff.delay(generation.attempts)
             return Outcome(
-                g.id,
+                generation.id,
                 State.QUEUED,
-                f"Retrying (attempt {g.attempts} of {self.opts.max_attempts} failed): {message}",
+                f"Retrying (attempt {generation.attempts} of {self.opts.max_attempts} failed): "
+                + message,
                 retry_at=utcnow() + timedelta(seconds=delay),
             )
-        if retryable and g.attempts >= self.opts.max_attempts:
-            message = f"Failed after {g.attempts} attempts: {message}"
-        return Outcome(g.id, State.FAILED, message)
+        if retryable and generation.attempts >= self.opts.max_attempts:
+            message = f"Failed after {generation.attempts} attempts: {message}"
+        return Outcome(generation.id, State.FAILED, message)
 
     # ------------------------------------------------------------------ writer
     async def _writer(self) -> None:
         while True:
             first = await self._results.get()
-            batch = [first]
-            while len(batch) < self.opts.write_batch and not self._results.empty():
-                batch.append(self._results.get_nowait())
+            outcomes = [first]
+            while len(outcomes) < self.opts.write_size and not self._results.empty():
+                outcomes.append(self._results.get_nowait())
             try:
-                await self._write(batch)
+                await self._write(outcomes)
             finally:
-                for _ in batch:
+                for _ in outcomes:
                     self._results.task_done()
 
-    async def _write(self, batch: list[Outcome]) -> None:
+    async def _write(self, outcomes: list[Outcome]) -> None:
         delay = 0.1
         while True:
             try:
-                completed = await self.store.work.finish(self.id, batch)
+                completed = await self.store.work.finish(self.id, outcomes)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("recording %d outcomes failed; retrying", len(batch))
+                log.exception("recording %d outcomes failed; retrying", len(outcomes))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for o in batch:
-            self._held.discard(o.generation_id)
-            if o.state.terminal:
-                self.metrics.finished.labels(o.state.value).inc()
-        if any(o.state is State.QUEUED for o in batch):
+        for outcome in outcomes:
+            self._held.discard(outcome.generation_id)
+            if outcome.state.terminal:
+                self.metrics.finished.labels(outcome.state.value).inc()
+        if any(outcome.state is State.QUEUED for outcome in outcomes):
             self._wake.set()
         if self.after_write is not None:
             self.after_write()

@@ -10,7 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backburner.core.clock import epoch
-from backburner.core.states import Kind
+from backburner.core.states import BATCH_FINISHED, BatchStatus, Kind
 from backburner.schemas.validation import Problem, check, load_json, validate_request
 
 ENDPOINTS: dict[str, Kind] = {
@@ -18,17 +18,8 @@ ENDPOINTS: dict[str, Kind] = {
     "/v1/completions": Kind.COMPLETION,
     "/v1/embeddings": Kind.EMBEDDING,
 }
-BATCH_STATUSES = (
-    "validating",
-    "failed",
-    "in_progress",
-    "finalizing",
-    "completed",
-    "expired",
-    "cancelling",
-    "cancelled",
-)
-TERMINAL = frozenset({"failed", "completed", "expired", "cancelled"})
+BATCH_STATUSES: tuple[str, ...] = tuple(s.value for s in BatchStatus)
+TERMINAL = frozenset(s.value for s in BATCH_FINISHED)
 WINDOWS = {"24h": 24 * 3600}
 MAX_REPORTED_ERRORS = 100
 
@@ -158,16 +149,7 @@ class Batch(BaseModel):
     errors: BatchErrors | None
     input_file_id: str
     completion_window: str
-    status: Literal[
-        "validating",
-        "failed",
-        "in_progress",
-        "finalizing",
-        "completed",
-        "expired",
-        "cancelling",
-        "cancelled",
-    ]
+    status: BatchStatus
     output_file_id: str | None
     error_file_id: str | None
     created_at: int

@@ -1,4 +1,4 @@
-"""The OpenAI error envelope: the body of every error answer (SPEC section 1)."""
+"""The OpenAI error envelope: the body of every error answer."""
 
 from __future__ import annotations
 

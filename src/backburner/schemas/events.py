@@ -1,4 +1,4 @@
-"""Webhook events (SPEC section 6): their names, their bodies, and the headers that go with them.
+"""Webhook events: their names, their bodies, and the headers that go with them.
 
 Bodies are plain dicts ready to serialise. Every body has ``event``, ``timestamp`` (ISO 8601 UTC,
 ``Z``) and ``data``; the ids sit at the top level in snake_case with camelCase twins beside them

@@ -1,4 +1,4 @@
-"""The Group API's submission body (SPEC section 3): strict at the top, each request as its single
+"""The Group API's submission body: strict at the top, each request as its single
 slow route validates it. What needs the server (served models, known webhooks) is checked beside
 these models, in :mod:`backburner.schemas.validation` and the route."""
 

@@ -1,4 +1,4 @@
-"""What the operations routes answer (SPEC section 7)."""
+"""What the operations routes answer."""
 
 from __future__ import annotations
 

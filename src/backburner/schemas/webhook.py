@@ -10,21 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from backburner.core.clock import iso
+from backburner.schemas.events import EventName
 
-EventName = Literal[
-    "generation.completed",
-    "async-embedding.completed",
-    "slow-group.completed",
-    "webhook.test",
-    "batch.completed",
-]
-ALL_EVENTS: tuple[str, ...] = (
-    "generation.completed",
-    "async-embedding.completed",
-    "slow-group.completed",
-    "webhook.test",
-    "batch.completed",
-)
+ALL_EVENTS: tuple[str, ...] = tuple(e.value for e in EventName)
 
 
 class WebhookCreate(BaseModel):

@@ -12,7 +12,6 @@ with line-numbered errors before anything runs. The worker's side is
 from __future__ import annotations
 
 import builtins
-import json
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -30,7 +29,7 @@ from backburner.core.states import (
     sources,
 )
 from backburner.errors import Conflict, NotFound
-from backburner.schemas.batch import WINDOWS, BatchCreate, BatchRecord
+from backburner.schemas.batch import WINDOWS, BatchCreate, BatchRecord, BatchRequestOutput
 from backburner.schemas.files import FileRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of
@@ -50,26 +49,14 @@ def error_code(state_message: str) -> str:
 
 
 def result_line(kind: str, row: Any) -> bytes:
+    """One line of a batch's output (``kind == "output"``) or error file."""
     m = row._mapping
     if kind == "output":
-        obj: dict[str, Any] = {
-            "id": f"batch_req_{m['id']}",
-            "custom_id": m["custom_id"],
-            "response": {
-                "status_code": 200,
-                "request_id": m["id"],
-                "body": codec.loads(m["response"]),
-            },
-            "error": None,
-        }
+        line = BatchRequestOutput.success(m["id"], m["custom_id"], codec.loads(m["response"]))
     else:
-        obj = {
-            "id": f"batch_req_{m['id']}",
-            "custom_id": m["custom_id"],
-            "response": None,
-            "error": {"code": error_code(m["state_message"]), "message": m["state_message"]},
-        }
-    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        message = m["state_message"]
+        line = BatchRequestOutput.failure(m["id"], m["custom_id"], error_code(message), message)
+    return line.to_line()
 
 
 def _not_found(batch_id: str, param: str = "batch_id") -> NotFound:

@@ -1,4 +1,4 @@
-"""File rows (SPEC section 4). The bytes live in a blob store; a row says which files exist.
+"""File rows. The bytes live in a blob store; a row says which files exist.
 
 A deleted file keeps its row with ``deleted_at`` set (batches may still name it) and is gone for
 every reader: like another tenant's file, it is :class:`~backburner.errors.NotFound`.

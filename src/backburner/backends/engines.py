@@ -65,7 +65,7 @@ def _completion_tokens(resp: JSON) -> int:
     return 1
 
 
-class ModelRouter:
+class Engines:
     def __init__(
         self,
         settings: Sequence[BackendSettings],
