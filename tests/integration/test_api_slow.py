@@ -136,7 +136,7 @@ async def test_unknown_generation_is_404(idle: Any) -> None:
         ("chat/completions", {**CHAT, "stream": True}, "stream", "stream"),
         ("chat/completions", {**CHAT, "temperature": 7}, "temperature", ""),
         ("chat/completions", {**CHAT, "metadata": "x"}, "metadata", ""),
-        ("chat/completions", {**CHAT, "metadata": {"webhook_id": 5}}, "metadata", "webhook_id"),
+        ("chat/completions", {**CHAT, "metadata": {"webhook_id": 5}}, "metadata.webhook_id", "webhook_id"),
         ("chat/completions", {"model": FAKE_MODEL, "prompt": "p"}, "body", "messages"),
         ("chat/completions", [CHAT], "body", "JSON object"),
         ("completions", {"model": FAKE_MODEL}, "prompt", "required"),

@@ -9,7 +9,9 @@ import pytest
 from backburner.core.states import Kind
 from backburner.schemas.validation import (
     MAX_GROUP_SIZE,
+    JsonValueError,
     Problem,
+    load_json,
     validate_group,
     validate_request,
 )
@@ -113,8 +115,52 @@ def test_input_on_chat_is_the_wrong_kind() -> None:
 
 def test_metadata_webhook_id_must_be_a_string() -> None:
     problems = validate_request(Kind.CHAT, chat(metadata={"webhook_id": 7}), MODELS)
-    assert params(problems) == ["metadata"]
-    assert "webhook_id" in problems[0].message
+    assert params(problems) == ["metadata.webhook_id"]
+    assert "must be a string" in problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("metadata", "param", "words"),
+    [
+        ({"custom_id": 123}, "metadata.custom_id", "must be a string"),
+        ({"custom_id": ["a"]}, "metadata.custom_id", "must be a string"),
+        ({"custom_id": "x" * 513}, "metadata.custom_id", "at most 512"),
+        ({"custom_id": "a\x00b"}, "metadata.custom_id", "NUL"),
+        ({"webhook_id": "w" * 33}, "metadata.webhook_id", "at most 32"),
+        ({"webhook_id": "w\x00"}, "metadata.webhook_id", "NUL"),
+    ],
+)
+def test_metadata_ids_must_be_storable_strings(
+    metadata: dict[str, object], param: str, words: str
+) -> None:
+    problems = validate_request(Kind.CHAT, chat(metadata=metadata), MODELS)
+    assert params(problems) == [param]
+    assert words in problems[0].message
+
+
+def test_metadata_keeps_other_keys_free_form() -> None:
+    body = chat(metadata={"custom_id": "c-1", "job": {"nested": [1, 2]}, "n": 3})
+    assert validate_request(Kind.CHAT, body, MODELS) == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "words"),
+    [
+        (b'{"messages": [{"content": "\\ud800"}]}', "messages[0].content", "lone surrogate"),
+        (b'{"\\udfff": 1}', "", "key"),
+        (b"[" * 70 + b"]" * 70, "", "nested more than 64"),
+        (b"[" * 100_000 + b"]" * 100_000, "", "nested more than 64"),
+    ],
+)
+def test_json_that_could_not_be_stored_is_refused(raw: bytes, path: str, words: str) -> None:
+    with pytest.raises(JsonValueError) as info:
+        load_json(raw)
+    assert info.value.path.startswith(path)
+    assert words in str(info.value)
+
+
+def test_json_at_the_depth_limit_is_accepted() -> None:
+    assert load_json(b"[" * 64 + b"]" * 64) is not None
 
 
 def test_empty_embedding_input_refused() -> None:

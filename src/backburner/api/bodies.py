@@ -17,7 +17,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from backburner.errors import InvalidRequest, PayloadTooLarge
-from backburner.schemas.validation import load_json
+from backburner.schemas.validation import JsonValueError, load_json
 
 
 async def read_raw(request: Request, max_bytes: int) -> bytes:
@@ -41,6 +41,10 @@ async def read_json(request: Request, max_bytes: int) -> tuple[Any, bytes]:
         raise InvalidRequest("the request body is empty; send a JSON object", param="body")
     try:
         return load_json(raw), raw
+    except JsonValueError as exc:
+        raise InvalidRequest(
+            f"{exc.path or 'the request body'} {exc.message}", param=exc.path or "body"
+        ) from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", param="body") from exc
 

@@ -11,7 +11,7 @@ from backburner.api import idempotency
 from backburner.api.auth import tenant
 from backburner.api.bodies import json_body, read_json
 from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
-from backburner.api.routes_slow import new_generation
+from backburner.api.routes_slow import new_generation, unknown_webhooks
 from backburner.api.state import AppState, app_state
 from backburner.core.ids import new_id
 from backburner.core.states import Kind
@@ -34,6 +34,10 @@ async def submit_group(kind: Kind, request: Request, tenant_id: str, ctx: AppSta
                 "webhook_id",
                 f"no webhook with id '{webhook_id}'; create one with POST /v1/webhooks",
             )
+        )
+    if not problems:
+        problems = await unknown_webhooks(
+            ctx, tenant_id, [(f"requests[{i}]", r) for i, r in enumerate(requests)]
         )
     if problems:
         raise invalid(problems)

@@ -16,7 +16,7 @@ from backburner.api import idempotency
 from backburner.api.auth import tenant
 from backburner.api.bodies import json_body, read_json
 from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
-from backburner.api.routes_slow import new_generation
+from backburner.api.routes_slow import metadata_webhook_id, new_generation, unknown_webhooks
 from backburner.api.state import AppState, app_state
 from backburner.core.clock import utcnow
 from backburner.core.states import Kind, State, StateMessage
@@ -36,17 +36,11 @@ def _sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _webhook_id(body: dict[str, Any]) -> str | None:
-    md = body.get("metadata")
-    hook = md.get("webhook_id") if isinstance(md, dict) else None
-    return hook if isinstance(hook, str) else None
-
-
 async def _stream(
     ctx: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]
 ) -> StreamingResponse:
     started = utcnow()
-    keep = _webhook_id(body) is not None  # then the folded answer is kept and announced
+    keep = metadata_webhook_id(body) is not None  # then the folded answer is kept and announced
     chunks = ctx.engines.stream_realtime(kind, body)
     try:
         first = await anext(chunks)  # errors before the first chunk get a proper status
@@ -108,7 +102,7 @@ async def _run_and_notify(
 ) -> dict[str, Any]:
     """Run now; when ``metadata.webhook_id`` is set, keep the generation and fire
     ``generation.completed`` for it, success or failure."""
-    if _webhook_id(body) is None:
+    if metadata_webhook_id(body) is None:
         return await ctx.engines.run_realtime(kind, body)
     started = utcnow()
     try:
@@ -123,6 +117,8 @@ async def _run_and_notify(
 async def realtime(kind: Kind, request: Request, tenant_id: str, ctx: AppState) -> Response:
     body, raw = await read_json(request, ctx.settings.max_body_bytes)
     problems = validate_request(kind, body, ctx.engines.models, slow=False)
+    if not problems:
+        problems = await unknown_webhooks(ctx, tenant_id, [("", body)])
     if problems:
         raise invalid(problems)
     started = time.perf_counter()

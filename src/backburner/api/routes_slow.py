@@ -16,7 +16,7 @@ from backburner.core.ids import new_id
 from backburner.core.states import Kind
 from backburner.schemas.generation import Generation, NewGeneration
 from backburner.schemas.openai import SLOW_REQUESTS, GenerationSubmitted
-from backburner.schemas.validation import validate_request
+from backburner.schemas.validation import Problem, validate_request
 from backburner.store import IdempotencyRace
 
 
@@ -34,12 +34,36 @@ def new_generation(kind: Kind, body: dict[str, Any]) -> NewGeneration:
     )
 
 
+def metadata_webhook_id(body: Any) -> str | None:
+    md = body.get("metadata") if isinstance(body, dict) else None
+    hook = md.get("webhook_id") if isinstance(md, dict) else None
+    return hook if isinstance(hook, str) else None
+
+
+async def unknown_webhooks(
+    ctx: AppState, tenant_id: str, bodies: list[tuple[str, Any]]
+) -> list[Problem]:
+    """A problem for each ``metadata.webhook_id`` (under its path prefix) that names no webhook of
+    this tenant: accepted, it would announce nothing."""
+    problems = []
+    for prefix, body in bodies:
+        hook = metadata_webhook_id(body)
+        if hook is not None and not await ctx.store.webhooks.exists(tenant_id, hook):
+            path = f"{prefix}.metadata.webhook_id" if prefix else "metadata.webhook_id"
+            problems.append(
+                Problem(path, f"no webhook with id '{hook}'; create one with POST /v1/webhooks")
+            )
+    return problems
+
+
 async def submit(kind: Kind, request: Request, tenant_id: str, ctx: AppState) -> JSONResponse:
     body, raw = await read_json(request, ctx.settings.max_body_bytes)
     key, replayed = await idempotency.begin(ctx, tenant_id, request, raw)
     if replayed is not None:
         return replayed
     problems = validate_request(kind, body, ctx.engines.models)
+    if not problems:
+        problems = await unknown_webhooks(ctx, tenant_id, [("", body)])
     if problems:
         raise invalid(problems)
     gid = new_id()

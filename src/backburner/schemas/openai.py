@@ -31,20 +31,48 @@ def wrong_kind(kind: Kind, body: dict[str, Any]) -> str | None:
     return None
 
 
+MAX_CUSTOM_ID = 512
+MAX_WEBHOOK_ID = 32
+
+
+def _stored_id(value: str | None, limit: int) -> str | None:
+    if value is not None:
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters")
+    return value
+
+
+class RequestMetadata(BaseModel):
+    """backburner's own part of a request: stored and echoed, never sent to the engine. Free
+    form, but the two keys backburner reads are stored in columns: strings that fit."""
+
+    model_config = ConfigDict(extra="allow")
+
+    custom_id: str | None = None
+    """Your id for this request; echoed in results and events."""
+    webhook_id: str | None = None
+    """A webhook of yours, sent ``generation.completed`` when this request finishes."""
+
+    @field_validator("custom_id")
+    @classmethod
+    def _custom_id(cls, value: str | None) -> str | None:
+        return _stored_id(value, MAX_CUSTOM_ID)
+
+    @field_validator("webhook_id")
+    @classmethod
+    def _webhook_id(cls, value: str | None) -> str | None:
+        return _stored_id(value, MAX_WEBHOOK_ID)
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
     kind: ClassVar[Kind]
 
     model: Annotated[str, Field(min_length=1)]
-    metadata: dict[str, Any] | None = None
+    metadata: RequestMetadata | None = None
     user: str | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_webhook_id(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and "webhook_id" in v and not isinstance(v["webhook_id"], str):
-            raise ValueError("metadata.webhook_id must be a string")
-        return v
 
     @model_validator(mode="before")
     @classmethod

@@ -68,10 +68,62 @@ def _finite(text: str) -> float:
     return value
 
 
+MAX_JSON_DEPTH = 64
+
+
+class JsonValueError(ValueError):
+    """JSON that parses but could not be stored or sent back; ``path`` names the value."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+def _storable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_json_value(value: Any, *, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """Refuse what parses but cannot be stored, read back and announced: nesting deeper than
+    ``max_depth``, and strings or keys that are not valid Unicode (a lone surrogate such as
+    ``"\\ud800"``). Iterative, so a deep value cannot exhaust the stack."""
+    stack: list[tuple[Any, tuple[int | str, ...]]] = [(value, ())]
+    while stack:
+        item, loc = stack.pop()
+        if isinstance(item, str):
+            if not _storable(item):
+                raise JsonValueError(join_path("", loc), "is not valid Unicode (a lone surrogate)")
+            continue
+        if not isinstance(item, dict | list):
+            continue
+        if len(loc) >= max_depth:
+            raise JsonValueError(join_path("", loc), f"is nested more than {max_depth} levels deep")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not _storable(key):
+                    raise JsonValueError(
+                        join_path("", loc), "has a key that is not valid Unicode (a lone surrogate)"
+                    )
+                stack.append((child, (*loc, key)))
+        else:
+            stack.extend((child, (*loc, i)) for i, child in enumerate(item))
+
+
 def load_json(raw: bytes | str) -> Any:
-    """JSON as RFC 8259 has it: NaN, Infinity and numbers too large for a float are refused
-    (``ValueError``), as nothing downstream could store or send them."""
-    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    """JSON as RFC 8259 has it, and nothing that could not be stored or sent back: NaN,
+    Infinity and numbers too large for a float, invalid Unicode and very deep nesting are
+    refused (``ValueError``; :class:`JsonValueError` names the value)."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise JsonValueError("", f"is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    check_json_value(value)
+    return value
 
 
 # ---------------------------------------------------------------------------- pydantic errors
