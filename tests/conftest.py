@@ -110,6 +110,8 @@ def make_settings(db_url: str, **overrides: Any) -> Settings:
         "poll_interval_seconds": 0.02,
         "maintenance_interval_seconds": 0.5,
         "lease_seconds": 5.0,
+        # the in-process clients address the app by these names (open mode checks Host)
+        "allowed_hosts": ["testserver", "t"],
     }
     defaults.update(overrides)
     return Settings(**defaults)

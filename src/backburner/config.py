@@ -7,9 +7,10 @@ Environment variables win over the file. Nothing here is built at import time: c
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -20,6 +21,19 @@ from pydantic_settings import (
 )
 
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
+
+# The Standard Webhooks (Svix) schedule: attempts at once, then after 5 s, 5 min, 30 min, 2 h,
+# 5 h, 10 h and 10 h: 8 attempts over about 28 hours.
+WEBHOOK_RETRY_SCHEDULE: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+LEGACY_WEBHOOK_RETRY_KEYS = (
+    "webhook_max_retries",
+    "webhook_retry_base_seconds",
+    "webhook_retry_cap_seconds",
+)
+# one delay of a retry schedule: seconds, finite, at most a week
+RetryDelay = Annotated[float, Field(ge=0, le=7 * 24 * 3600, allow_inf_nan=False)]
+
+log = logging.getLogger("backburner.config")
 
 
 class BackendSettings(BaseModel):
@@ -112,6 +126,8 @@ class Settings(BaseSettings):
 
     # auth: "auto" runs open as tenant "default" when no key exists and the server is loopback-only
     auth: Literal["auto", "required", "disabled"] = "auto"
+    # open mode answers only these Host names besides loopback ones (DNS-rebinding guard)
+    allowed_hosts: list[str] = Field(default_factory=list)
 
     # scheduler
     run_worker: bool = True
@@ -126,9 +142,17 @@ class Settings(BaseSettings):
     maintenance_interval_seconds: float = Field(default=5.0, gt=0)
 
     # webhooks
-    webhook_max_retries: int = Field(default=3, ge=0, le=20)
-    webhook_retry_base_seconds: float = Field(default=1.0, ge=0)
-    webhook_retry_cap_seconds: float = Field(default=300.0, ge=0)
+    # Seconds to wait after each failed attempt, in order (the first attempt is immediate): one
+    # attempt more than there are delays. Each delay is jittered by +-webhook_retry_jitter.
+    webhook_retry_schedule_seconds: list[RetryDelay] = Field(
+        default_factory=lambda: list(WEBHOOK_RETRY_SCHEDULE), max_length=100
+    )
+    webhook_retry_jitter: float = Field(default=0.2, ge=0, le=0.5)
+    # Deprecated: the exponential backoff these described becomes a schedule (see
+    # _legacy_webhook_retries); they may not be combined with webhook_retry_schedule_seconds.
+    webhook_max_retries: int | None = Field(default=None, ge=0, le=20)
+    webhook_retry_base_seconds: float | None = Field(default=None, ge=0)
+    webhook_retry_cap_seconds: float | None = Field(default=None, ge=0)
     webhook_timeout_seconds: float = Field(default=30.0, gt=0)
     webhook_poll_interval_seconds: float = Field(default=0.25, gt=0)
     webhook_concurrency: int = Field(default=16, ge=1, le=1024)
@@ -145,6 +169,11 @@ class Settings(BaseSettings):
     # api
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     idempotency_ttl_seconds: float = Field(default=24 * 3600, gt=0)
+    # /readyz and /metrics: a bearer token to require (unset: open), and how long their
+    # database counts and backend checks are reused
+    ops_token: SecretStr | None = None
+    metrics_cache_seconds: float = Field(default=15.0, ge=0, le=3600)
+    readyz_cache_seconds: float = Field(default=5.0, ge=0, le=3600)
     log_level: str = "info"
 
     config_file: str | None = Field(default=None, exclude=True)
@@ -170,6 +199,27 @@ class Settings(BaseSettings):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"backend names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _legacy_webhook_retries(self) -> Settings:
+        legacy = [k for k in LEGACY_WEBHOOK_RETRY_KEYS if getattr(self, k) is not None]
+        if not legacy:
+            return self
+        if "webhook_retry_schedule_seconds" in self.model_fields_set:
+            raise ValueError(
+                f"{', '.join(legacy)} cannot be combined with webhook_retry_schedule_seconds,"
+                " which replaces them: set only webhook_retry_schedule_seconds"
+            )
+        retries = 3 if self.webhook_max_retries is None else self.webhook_max_retries
+        base = 1.0 if self.webhook_retry_base_seconds is None else self.webhook_retry_base_seconds
+        cap = 300.0 if self.webhook_retry_cap_seconds is None else self.webhook_retry_cap_seconds
+        self.webhook_retry_schedule_seconds = [min(cap, base * 2**n) for n in range(retries)]
+        log.warning(
+            "%s: deprecated, replaced by webhook_retry_schedule_seconds; using %s",
+            ", ".join(legacy),
+            self.webhook_retry_schedule_seconds,
+        )
         return self
 
     @property

@@ -6,6 +6,8 @@
     ├── NotFound                404  unknown id, or another tenant's object
     ├── Conflict                409  idempotency key reused with another body, finished generation
     ├── PayloadTooLarge         413
+    ├── UnsupportedMediaType    415  a JSON route sent another content type
+    ├── Forbidden               403  open mode, addressed to a host that is not loopback
     ├── ServiceUnavailable      503
     ├── BackendError            an inference engine failed
     │   ├── BackendRetryable    5xx, timeout, connection: try again later
@@ -70,6 +72,20 @@ class PayloadTooLarge(BackburnerError):
     """The request body is larger than this server accepts."""
 
     status_code = 413
+    error_type = "invalid_request_error"
+
+
+class UnsupportedMediaType(BackburnerError):
+    """Send the body as JSON, with Content-Type: application/json."""
+
+    status_code = 415
+    error_type = "invalid_request_error"
+
+
+class Forbidden(BackburnerError):
+    """This request is not allowed."""
+
+    status_code = 403
     error_type = "invalid_request_error"
 
 

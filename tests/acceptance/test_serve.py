@@ -205,11 +205,14 @@ def _embedded_available() -> bool:
 @pytest.mark.skipif(not _embedded_available(), reason="needs the 'local' extra")
 def test_embedded_model_slow_and_realtime_through_the_openai_sdk(run: Procs) -> None:
     from openai import OpenAI
+    from openai.types.chat import ChatCompletionMessageParam
 
     model = "smollm2-135m-instruct"
     cfg = run.config(None, poll_interval_seconds=0.05)  # no backends: the embedded model
     srv = run.serve(cfg, timeout=90)
-    msgs = [{"role": "user", "content": "Say hello in one short sentence."}]
+    msgs: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Say hello in one short sentence."}
+    ]
 
     with httpx.Client(base_url=srv.base_url, timeout=60.0) as http:
         # a slow request over plain HTTP
@@ -220,12 +223,12 @@ def test_embedded_model_slow_and_realtime_through_the_openai_sdk(run: Procs) -> 
 
         # realtime through the SDK, plain and streamed
         sdk = OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
-        done = sdk.chat.completions.create(model=model, messages=msgs, max_tokens=12)  # type: ignore[arg-type]
+        done = sdk.chat.completions.create(model=model, messages=msgs, max_tokens=12)
         assert done.model == model
         assert (done.choices[0].message.content or "").strip()
         stream = sdk.chat.completions.create(
             model=model,
-            messages=msgs,  # type: ignore[arg-type]
+            messages=msgs,
             max_tokens=12,
             stream=True,
         )
@@ -238,7 +241,7 @@ def test_embedded_model_slow_and_realtime_through_the_openai_sdk(run: Procs) -> 
         )
         queued = slow_sdk.chat.completions.create(
             model=model,
-            messages=msgs,  # type: ignore[arg-type]
+            messages=msgs,
             max_tokens=12,
             metadata={"custom_id": "sdk-1"},
         )

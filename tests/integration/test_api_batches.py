@@ -6,7 +6,6 @@ import asyncio
 import json
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -15,6 +14,7 @@ from backburner.errors import BackendRejected
 from tests.conftest import FAKE_MODEL
 from tests.support.fake_backend import FakeBackend
 from tests.support.receiver import running_receiver
+from tests.support.sdk import asgi_http_client
 
 
 class MarkerBackend(FakeBackend):
@@ -48,9 +48,7 @@ def sdk(h: Any) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(
         base_url="http://testserver/v1",
         api_key="x",
-        http_client=httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=h.app), base_url="http://testserver"
-        ),
+        http_client=asgi_http_client(h.app),
     )
 
 

@@ -12,6 +12,10 @@ import openai
 import pytest
 
 from tests.conftest import AppHarness
+from tests.support.sdk import asgi_http_client
+
+# one multipart part as httpx takes it: (field, (file name, content[, content type]))
+Part = tuple[str, tuple[str | None, bytes] | tuple[str | None, bytes, str]]
 
 LINES = [
     {
@@ -121,7 +125,7 @@ async def test_empty_file(h: AppHarness) -> None:
 
 
 async def test_openai_sdk_works_unchanged(h: AppHarness) -> None:
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=h.app), base_url="http://testserver")
+    http = asgi_http_client(h.app)
     async with http:
         client = openai.AsyncOpenAI(
             base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0
@@ -155,7 +159,7 @@ async def test_openai_sdk_works_unchanged(h: AppHarness) -> None:
 
 async def test_sdk_pages_through_files(h: AppHarness) -> None:
     ids = [(await upload(h.client, filename=f"{i}.jsonl")).json()["id"] for i in range(5)]
-    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=h.app), base_url="http://testserver")
+    http = asgi_http_client(h.app)
     async with http:
         client = openai.AsyncOpenAI(
             base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0
@@ -170,7 +174,7 @@ async def test_wrong_purpose_is_400_and_stores_nothing(
 ) -> None:
     file_part = ("file", ("in.jsonl", JSONL, "application/jsonl"))
     purpose_part = ("purpose", (None, b"fine-tune"))
-    parts = [purpose_part, file_part] if purpose_first else [file_part, purpose_part]
+    parts: list[Part] = [purpose_part, file_part] if purpose_first else [file_part, purpose_part]
     r = await h.client.post("/v1/files", files=parts)
     err = assert_error(r, 400, "purpose")
     assert "'batch'" in err["message"] and "fine-tune" in err["message"]
@@ -202,7 +206,7 @@ async def test_not_multipart_is_400(h: AppHarness) -> None:
 
 
 async def test_two_files_is_400(h: AppHarness, files_dir: Path) -> None:
-    parts = [
+    parts: list[Part] = [
         ("purpose", (None, b"batch")),
         ("file", ("a.jsonl", JSONL, "application/jsonl")),
         ("file", ("b.jsonl", JSONL, "application/jsonl")),

@@ -136,7 +136,12 @@ async def test_unknown_generation_is_404(idle: Any) -> None:
         ("chat/completions", {**CHAT, "stream": True}, "stream", "stream"),
         ("chat/completions", {**CHAT, "temperature": 7}, "temperature", ""),
         ("chat/completions", {**CHAT, "metadata": "x"}, "metadata", ""),
-        ("chat/completions", {**CHAT, "metadata": {"webhook_id": 5}}, "metadata.webhook_id", "webhook_id"),
+        (
+            "chat/completions",
+            {**CHAT, "metadata": {"webhook_id": 5}},
+            "metadata.webhook_id",
+            "webhook_id",
+        ),
         ("chat/completions", {"model": FAKE_MODEL, "prompt": "p"}, "body", "messages"),
         ("chat/completions", [CHAT], "body", "JSON object"),
         ("completions", {"model": FAKE_MODEL}, "prompt", "required"),
@@ -204,7 +209,11 @@ async def test_body_over_limit_is_413(harness_factory: Any) -> None:
             yield b"y" * 400
         yield b'"}]}'
 
-    r = await h.client.post("/v1/slow/chat/completions", content=chunks())
+    r = await h.client.post(
+        "/v1/slow/chat/completions",
+        content=chunks(),
+        headers={"content-type": "application/json"},
+    )
     err = assert_envelope(r, 413)
     assert err["code"] == "body_too_large"
     assert await h.state.store.generations.count_by_state() == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -33,12 +34,12 @@ QUICK = {
 
 
 @pytest.fixture
-async def engine() -> LlamaCppBackend:
+async def engine() -> AsyncIterator[LlamaCppBackend]:
     backend = LlamaCppBackend(
         BackendSettings(name="local", type="llamacpp", models=["smollm2-135m-instruct"])
     )
     await backend.start()
-    yield backend  # type: ignore[misc]
+    yield backend
     await backend.close()
 
 

@@ -353,9 +353,9 @@ async def test_idempotency_race_stores_nothing(store: Store) -> None:
 
 
 async def test_api_keys(store: Store) -> None:
-    assert not await store.keys.any_live()
+    assert not await store.keys.any_created()
     kid, key = await store.keys.create("acme", name="ci")
-    assert await store.keys.any_live()
+    assert await store.keys.any_created()
     assert await store.keys.tenant_for(key) == "acme"
     assert await store.keys.tenant_for(key + "x") is None
     (listed,) = await store.keys.list()
@@ -364,7 +364,7 @@ async def test_api_keys(store: Store) -> None:
     assert await store.keys.revoke(kid)
     assert not await store.keys.revoke(kid)
     assert await store.keys.tenant_for(key) is None
-    assert not await store.keys.any_live()
+    assert await store.keys.any_created()  # revoked, but auth stays on
 
 
 async def test_dispatched_at_is_utc_on_a_non_utc_postgres_server(pg_database: str) -> None:

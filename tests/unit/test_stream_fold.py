@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from backburner.schemas.stream import fold_chunks
 
 
 def test_chat_chunks_fold_per_choice() -> None:
-    chunks = [
+    chunks: list[dict[str, Any]] = [
         {
             "id": "c1",
             "created": 5,
@@ -43,7 +45,7 @@ def test_chat_chunks_fold_per_choice() -> None:
 
 
 def test_completion_chunks_fold_text() -> None:
-    chunks = [
+    chunks: list[dict[str, Any]] = [
         {"id": "x", "choices": [{"index": 0, "text": "a"}]},
         {"id": "x", "choices": [{"index": 0, "text": "b", "finish_reason": "stop"}]},
     ]

@@ -1,17 +1,20 @@
-"""webhooks.delivery against a real HTTP receiver on 127.0.0.1 (uvicorn, in-process).
+"""webhooks.delivery over an ``httpx.MockTransport`` that plays the receiver.
 
-Network rule: traffic only ever goes to 127.0.0.1. URL guard tests use IP literals and
-"localhost" only, and the guard resolves names without connecting anywhere.
+The transport's handler records every request the Deliverer sends and answers per path, or raises
+the transport error a real connection would (``httpx.ReadTimeout``, ``httpx.ConnectError``), so
+the Deliverer's classification is checked without a server. One test connects for real, to a
+closed port on 127.0.0.1, because "connection refused" is what the operating system says.
+
+Network rule: traffic only ever goes to 127.0.0.1 (MockTransport contacts nothing). URL guard
+tests use IP literals and "localhost" only, and the guard resolves names without connecting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -19,22 +22,22 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from standardwebhooks import Webhook
 
 from backburner.errors import InvalidRequest
 from backburner.schemas import events
 from backburner.webhooks.delivery import (
+    USER_AGENT,
     Attempt,
     Deliverer,
     HostUnresolvable,
     UrlGuard,
-    next_delay,
     parse_retry_after,
 )
 from backburner.webhooks.signing import new_secret
 
 WAIT = 10.0  # upper bound on any wait in this module
+BASE = "http://127.0.0.1:9"  # never contacted: the mock transport answers
 
 
 @dataclass
@@ -47,77 +50,55 @@ class Seen:
 
 @dataclass
 class Receiver:
-    """A scriptable webhook endpoint. Paths: /status/<code>, /slow, /retry-after-date."""
+    """The handler of an ``httpx.MockTransport``: a scriptable webhook endpoint.
+
+    Paths: ``/status/<code>`` answers that code (OPTIONS gets 405), with a Location for redirects
+    and ``Retry-After: 7`` for 429 and 503; ``/retry-after-date`` is 429 with an HTTP-date
+    Retry-After two minutes ahead; ``/hang`` never answers a POST; anything else is 200 (OPTIONS
+    204). ``failures`` maps a method to the transport error its requests raise instead.
+    """
 
     seen: list[Seen] = field(default_factory=list)
-    release: asyncio.Event = field(default_factory=asyncio.Event)
-    base: str = ""
+    failures: dict[str, httpx.TransportError] = field(default_factory=dict)
 
-    async def __call__(
-        self,
-        scope: dict[str, Any],
-        receive: Callable[[], Awaitable[dict[str, Any]]],
-        send: Callable[[dict[str, Any]], Awaitable[None]],
-    ) -> None:
-        assert scope["type"] == "http"
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        method, path = scope["method"], scope["path"]
-        self.seen.append(Seen(method, path, headers, body))
-
-        status, extra = 200, []
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        method, path = request.method, request.url.path
+        self.seen.append(Seen(method, path, dict(request.headers), request.content))
+        if method in self.failures:
+            raise self.failures[method]
         if method == "OPTIONS":
-            status = 405 if path.startswith("/status/") else 204
-        elif path.startswith("/status/"):
+            return httpx.Response(405 if path.startswith("/status/") else 204)
+        headers: dict[str, str] = {}
+        status = 200
+        if path.startswith("/status/"):
             status = int(path.removeprefix("/status/"))
             if status in (301, 302, 307, 308):
-                extra.append((b"location", f"{self.base}/ok".encode()))
+                headers["Location"] = f"{BASE}/ok"
             if status in (429, 503):
-                extra.append((b"retry-after", b"7"))
+                headers["Retry-After"] = "7"
         elif path == "/retry-after-date":
             status = 429
-            when = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
-            extra.append((b"retry-after", when.encode()))
-        elif path == "/slow":
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.release.wait(), WAIT)
-        await send({"type": "http.response.start", "status": status, "headers": extra})
-        await send({"type": "http.response.body", "body": b"ok"})
+            when = datetime.now(UTC) + timedelta(seconds=120)
+            headers["Retry-After"] = format_datetime(when, usegmt=True)
+        elif path == "/hang":
+            await asyncio.Event().wait()  # only the Deliverer's own deadline ends this
+        return httpx.Response(status, headers=headers, content=b"ok")
+
+    def methods(self) -> list[str]:
+        return [s.method for s in self.seen]
 
     def posts(self) -> list[Seen]:
         return [s for s in self.seen if s.method == "POST"]
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    app = Receiver()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    app.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2
-    )
-    server = uvicorn.Server(config)
-    # The socket already listens: connections made before uvicorn accepts wait in its backlog.
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        yield app
-    finally:
-        app.release.set()
-        server.should_exit = True
-        await asyncio.wait_for(task, WAIT)
-        sock.close()
+def receiver() -> Receiver:
+    return Receiver()
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as c:
+async def client(receiver: Receiver) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as c:
         yield c
 
 
@@ -131,8 +112,11 @@ NOW = datetime(2026, 1, 20, 12, 0, 0, tzinfo=UTC)
 PAYLOAD = events.webhook_test("WH_test", NOW)
 
 
-async def send(d: Deliverer, url: str, payload: dict[str, Any] | None = None) -> Attempt:
-    return await d.deliver(url, SECRET, "evt_1", payload or PAYLOAD, datetime.now(UTC))
+async def send(
+    d: Deliverer, url: str, payload: dict[str, Any] | None = None, secret: str | None = SECRET
+) -> Attempt:
+    async with asyncio.timeout(WAIT):
+        return await d.deliver(url, secret, "evt_1", payload or PAYLOAD, datetime.now(UTC))
 
 
 # --------------------------------------------------------------------------- delivery
@@ -150,14 +134,17 @@ async def test_delivered_options_first_headers_and_signature(
         "generationId": "GEN1",
         "data": {"state": "Success", "stateMessage": "Completed", "text": "héllo ✓"},
     }
-    attempt = await send(deliverer, f"{receiver.base}/hook", payload)
+    attempt = await send(deliverer, f"{BASE}/hook", payload)
     assert attempt.delivered and attempt.status_code == 200
     assert attempt.error is None and not attempt.retryable and not attempt.disable_endpoint
     assert attempt.duration_ms >= 0
 
     assert [(s.method, s.path) for s in receiver.seen] == [("OPTIONS", "/hook"), ("POST", "/hook")]
-    post = receiver.seen[1]
+    options, post = receiver.seen
+    assert options.body == b"" and options.headers["user-agent"] == USER_AGENT
+    assert "webhook-signature" not in options.headers
     assert post.headers["content-type"] == "application/json"
+    assert post.headers["user-agent"] == USER_AGENT
     assert post.headers["x-inference-event"] == "generation.completed"
     assert post.headers["x-inference-webhook-id"] == "WH1"
     assert post.headers["x-inference-generation-id"] == "GEN1"
@@ -169,9 +156,20 @@ async def test_delivered_options_first_headers_and_signature(
     assert Webhook(SECRET).verify(post.body, post.headers) == payload
 
 
+async def test_without_secret_carries_id_and_timestamp_but_no_signature(
+    receiver: Receiver, deliverer: Deliverer
+) -> None:
+    before = int(datetime.now(UTC).timestamp())
+    assert (await send(deliverer, f"{BASE}/batch-hook", secret=None)).delivered
+    post = receiver.posts()[0]
+    assert post.headers["webhook-id"] == "evt_1"
+    assert before <= int(post.headers["webhook-timestamp"]) <= before + int(WAIT)
+    assert "webhook-signature" not in post.headers
+
+
 async def test_group_headers(receiver: Receiver, deliverer: Deliverer) -> None:
     payload = {"event": "slow-group.completed", "webhook_id": "WH2", "group_id": "GRP", "data": {}}
-    assert (await send(deliverer, f"{receiver.base}/g", payload)).delivered
+    assert (await send(deliverer, f"{BASE}/g", payload)).delivered
     post = receiver.posts()[0]
     assert post.headers["x-inference-group-id"] == "GRP"
     assert "x-inference-generation-id" not in post.headers
@@ -179,9 +177,9 @@ async def test_group_headers(receiver: Receiver, deliverer: Deliverer) -> None:
 
 async def test_options_refusal_still_posts(receiver: Receiver, deliverer: Deliverer) -> None:
     # /status/202 answers OPTIONS with 405; the POST must still go.
-    attempt = await send(deliverer, f"{receiver.base}/status/202")
+    attempt = await send(deliverer, f"{BASE}/status/202")
     assert attempt.delivered and attempt.status_code == 202
-    assert [s.method for s in receiver.seen] == ["OPTIONS", "POST"]
+    assert receiver.methods() == ["OPTIONS", "POST"]
 
 
 @pytest.mark.parametrize(
@@ -202,62 +200,113 @@ async def test_options_refusal_still_posts(receiver: Receiver, deliverer: Delive
 async def test_status_outcomes(
     receiver: Receiver, deliverer: Deliverer, code: int, retryable: bool, disable: bool
 ) -> None:
-    attempt = await send(deliverer, f"{receiver.base}/status/{code}")
+    attempt = await send(deliverer, f"{BASE}/status/{code}")
     assert attempt.status_code == code
     assert not attempt.delivered
     assert attempt.retryable is retryable
     assert attempt.disable_endpoint is disable
     assert attempt.error
+    assert receiver.methods() == ["OPTIONS", "POST"]
 
 
 @pytest.mark.parametrize("code", [301, 302, 307, 308])
 async def test_redirects_are_not_followed(
     receiver: Receiver, deliverer: Deliverer, code: int
 ) -> None:
-    attempt = await send(deliverer, f"{receiver.base}/status/{code}")
+    attempt = await send(deliverer, f"{BASE}/status/{code}")
     assert attempt.status_code == code
     assert not attempt.delivered and not attempt.retryable
     assert attempt.error == "redirects are not followed"
-    assert all(s.path != "/ok" for s in receiver.seen)
+    assert [s.path for s in receiver.seen] == [f"/status/{code}"] * 2  # never /ok
 
 
-async def test_retry_after_seconds(receiver: Receiver, deliverer: Deliverer) -> None:
-    attempt = await send(deliverer, f"{receiver.base}/status/503")
+async def test_retry_after_seconds(deliverer: Deliverer) -> None:
+    attempt = await send(deliverer, f"{BASE}/status/503")
     assert attempt.retryable and attempt.retry_after == 7.0
 
 
-async def test_retry_after_http_date(receiver: Receiver, deliverer: Deliverer) -> None:
-    attempt = await send(deliverer, f"{receiver.base}/retry-after-date")
+async def test_retry_after_http_date(deliverer: Deliverer) -> None:
+    attempt = await send(deliverer, f"{BASE}/retry-after-date")
     assert attempt.retryable and attempt.status_code == 429
     assert attempt.retry_after is not None and 100 < attempt.retry_after <= 121
 
 
 async def test_timeout_is_retryable(receiver: Receiver, client: httpx.AsyncClient) -> None:
+    receiver.failures["POST"] = httpx.ReadTimeout("timed out")
     d = Deliverer(client, UrlGuard(deny_private=False), timeout=0.3)
-    async with asyncio.timeout(WAIT):
-        attempt = await send(d, f"{receiver.base}/slow")
+    attempt = await send(d, f"{BASE}/hook")
     assert not attempt.delivered and attempt.retryable
     assert attempt.status_code is None
-    assert attempt.error is not None and "timed out" in attempt.error
-    assert 250 <= attempt.duration_ms < 5000
-    assert [s.method for s in receiver.seen] == ["OPTIONS", "POST"]
+    assert attempt.error == "timed out after 0.3s"
+    assert receiver.methods() == ["OPTIONS", "POST"]
 
 
-async def test_connection_refused_is_retryable(deliverer: Deliverer) -> None:
+async def test_receiver_that_never_answers_meets_the_deadline(
+    receiver: Receiver, client: httpx.AsyncClient
+) -> None:
+    # The transport applies no timeout of its own: the Deliverer's deadline must end the wait.
+    d = Deliverer(client, UrlGuard(deny_private=False), timeout=0.05)
+    attempt = await send(d, f"{BASE}/hang")
+    assert not attempt.delivered and attempt.retryable
+    assert attempt.status_code is None
+    assert attempt.error == "timed out after 0.05s"
+    assert 40 <= attempt.duration_ms < WAIT * 1000
+    assert receiver.methods() == ["OPTIONS", "POST"]
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        (httpx.ReadTimeout("timed out"), "timed out after 5s"),
+        (httpx.ConnectError("[Errno 111] Connection refused"), "connection failed: [Errno 111]"),
+    ],
+)
+async def test_options_transport_failure_is_retryable_and_posts_nothing(
+    receiver: Receiver, deliverer: Deliverer, failure: httpx.TransportError, error: str
+) -> None:
+    receiver.failures["OPTIONS"] = failure
+    attempt = await send(deliverer, f"{BASE}/hook")
+    assert not attempt.delivered and attempt.retryable and attempt.status_code is None
+    assert attempt.error is not None
+    assert attempt.error.startswith(f"OPTIONS readiness check failed: {error}")
+    assert receiver.methods() == ["OPTIONS"]
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        (httpx.ConnectError("[Errno 111] Connection refused"), "connection failed: [Errno 111]"),
+        (httpx.RemoteProtocolError("peer closed connection"), "RemoteProtocolError: peer"),
+    ],
+)
+async def test_post_transport_failure_is_retryable(
+    receiver: Receiver, deliverer: Deliverer, failure: httpx.TransportError, error: str
+) -> None:
+    receiver.failures["POST"] = failure
+    attempt = await send(deliverer, f"{BASE}/hook")
+    assert not attempt.delivered and attempt.retryable and attempt.status_code is None
+    assert attempt.error is not None and attempt.error.startswith(error)
+    assert receiver.methods() == ["OPTIONS", "POST"]
+
+
+async def test_connection_refused_is_retryable() -> None:
+    # A real connection: the refusal comes from the operating system, on 127.0.0.1 only.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again before we connect: nothing listens
-    async with asyncio.timeout(WAIT):
-        attempt = await send(deliverer, f"http://127.0.0.1:{port}/hook")
+    async with httpx.AsyncClient() as real:
+        d = Deliverer(real, UrlGuard(deny_private=False), timeout=5.0)
+        attempt = await send(d, f"http://127.0.0.1:{port}/hook")
     assert not attempt.delivered and attempt.retryable
     assert attempt.status_code is None
     assert attempt.error is not None and "OPTIONS" in attempt.error
+    assert "connection failed" in attempt.error
 
 
 async def test_payload_over_limit_is_refused(receiver: Receiver, client: httpx.AsyncClient) -> None:
     d = Deliverer(client, UrlGuard(deny_private=False), max_payload_bytes=1000)
     payload = {"event": "webhook.test", "data": {"x": "é" * 600}}  # 1200 bytes of UTF-8
-    attempt = await send(d, f"{receiver.base}/hook", payload)
+    attempt = await send(d, f"{BASE}/hook", payload)
     assert not attempt.delivered and not attempt.retryable
     assert attempt.error is not None and "limit" in attempt.error
     assert receiver.seen == []
@@ -265,7 +314,7 @@ async def test_payload_over_limit_is_refused(receiver: Receiver, client: httpx.A
 
 async def test_guard_refusal_sends_nothing(receiver: Receiver, client: httpx.AsyncClient) -> None:
     d = Deliverer(client, UrlGuard(deny_private=True))
-    attempt = await send(d, f"{receiver.base}/hook")
+    attempt = await send(d, f"{BASE}/hook")
     assert not attempt.delivered and not attempt.retryable and attempt.status_code is None
     assert attempt.error is not None and "private" in attempt.error
     bad = await send(d, "ftp://127.0.0.1/hook")
@@ -273,13 +322,17 @@ async def test_guard_refusal_sends_nothing(receiver: Receiver, client: httpx.Asy
     assert receiver.seen == []
 
 
-async def test_unresolvable_host_is_retryable(client: httpx.AsyncClient) -> None:
+async def test_unresolvable_host_is_retryable(
+    receiver: Receiver, client: httpx.AsyncClient
+) -> None:
     async def no_dns(host: str, port: int) -> list[str]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     d = Deliverer(client, UrlGuard(deny_private=True, resolver=no_dns))
     attempt = await send(d, "https://hooks.example.test/x")
     assert not attempt.delivered and attempt.retryable and attempt.status_code is None
+    assert attempt.error is not None and "cannot be resolved" in attempt.error
+    assert receiver.seen == []
 
 
 # --------------------------------------------------------------------------- URL guard
@@ -400,25 +453,8 @@ async def test_guard_allows_private_when_not_denied(url: str) -> None:
     await UrlGuard(deny_private=False).check(url)
 
 
-# --------------------------------------------------------------------------- backoff
-
-
-def test_next_delay_grows_with_jitter_and_cap() -> None:
-    rng = random.Random(7)
-    for attempt in range(1, 12):
-        raw = min(300.0, 2.0 ** (attempt - 1))
-        d = next_delay(attempt, None, rng=rng)
-        assert raw * 0.5 <= d <= raw
-    assert next_delay(30, None) <= 300.0
-    assert next_delay(3, None, base=0.0) == 0.0
-    assert len({next_delay(5, None) for _ in range(20)}) > 1  # jittered
-
-
-def test_next_delay_honours_retry_after_within_cap() -> None:
-    assert next_delay(1, 42.0) == 42.0
-    assert next_delay(1, 10_000.0) == 300.0
-    assert next_delay(1, 10_000.0, cap=60.0) == 60.0
-    assert next_delay(10, 0.5, rng=random.Random(1)) >= 0.5 * 2**9 * 0.5
+# --------------------------------------------------------------------------- Retry-After
+# (next_delay, the retry schedule, is tested in test_webhook_schedule.py)
 
 
 def test_parse_retry_after() -> None:

@@ -153,6 +153,7 @@ async def test_batch_runner_validates_loads_and_finalizes(services: Services) ->
         + "\n"
         for i in range(7)
     )
+
     async def chunks() -> AsyncIterator[bytes]:
         yield lines.encode()
 

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel
 
-from backburner.errors import InvalidRequest, PayloadTooLarge
+from backburner.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from backburner.schemas.validation import JsonValueError, load_json
 
 
@@ -34,8 +34,24 @@ async def read_raw(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def require_json(request: Request) -> None:
+    """JSON routes take JSON only. A browser may send a cross-site ``text/plain`` or form POST
+    without asking first; refusing other content types keeps such a page from submitting work."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        shown = media or "none"
+        raise UnsupportedMediaType(
+            f"send the body as JSON with Content-Type: application/json (got {shown})",
+            param="content-type",
+            code="unsupported_media_type",
+        )
+
+
 async def read_json(request: Request, max_bytes: int) -> tuple[Any, bytes]:
     """The body's JSON, exactly as sent, and its raw bytes."""
+    require_json(request)
     raw = await read_raw(request, max_bytes)
     if not raw.strip():
         raise InvalidRequest("the request body is empty; send a JSON object", param="body")

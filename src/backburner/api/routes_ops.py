@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -12,6 +13,7 @@ from backburner import __version__
 from backburner.api.errors import DEFAULT_RESPONSES
 from backburner.api.state import AppState, app_state
 from backburner.core.states import State
+from backburner.errors import Unauthorized
 from backburner.schemas.health import Health, Readiness
 
 PROMETHEUS: dict[int | str, dict[str, Any]] = {
@@ -20,6 +22,53 @@ PROMETHEUS: dict[int | str, dict[str, Any]] = {
         "content": {"text/plain": {"schema": {"type": "string"}}},
     }
 }
+
+
+async def ops_access(request: Request, ctx: AppState = Depends(app_state)) -> AppState:
+    """With ``ops_token`` set, ``/readyz`` and ``/metrics`` need ``Authorization: Bearer <it>``
+    (they show engine addresses and the whole service's volume, across tenants)."""
+    token = ctx.settings.ops_token
+    if token is not None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = token.get_secret_value().encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise Unauthorized("this endpoint needs the operations token (ops_token)")
+    return ctx
+
+
+async def _backend_checks(ctx: AppState) -> dict[str, str]:
+    """Each backend's check, at most once per ``readyz_cache_seconds``: a probe of /readyz must not
+    become load on the engines. Errors are named by kind, never echoed."""
+    now = ctx.now()
+    cached = ctx.ops_cache.get("backends")
+    if cached is not None and now - cached[0] < ctx.settings.readyz_cache_seconds:
+        result: dict[str, str] = cached[1]
+        return result
+    checks: dict[str, str] = {}
+    for name, backend in ctx.engines.backends.items():
+        try:
+            await backend.check()
+            checks[f"backend:{name}"] = "ok"
+        except Exception as exc:
+            checks[f"backend:{name}"] = f"error: {type(exc).__name__}"
+    ctx.ops_cache["backends"] = (now, checks)
+    return checks
+
+
+async def _counts(ctx: AppState) -> dict[str, int] | None:
+    """Generations by state, counted at most once per ``metrics_cache_seconds`` (a count of the
+    whole table on every scrape would be a cheap way to load the database)."""
+    now = ctx.now()
+    cached = ctx.ops_cache.get("counts")
+    if cached is not None and now - cached[0] < ctx.settings.metrics_cache_seconds:
+        result: dict[str, int] = cached[1]
+        return result
+    try:
+        counts = await ctx.store.generations.count_by_state()
+    except Exception:
+        return None  # the store being down must not hide the process's own metrics
+    ctx.ops_cache["counts"] = (now, counts)
+    return counts
 
 
 def ops_router() -> APIRouter:
@@ -35,22 +84,15 @@ def ops_router() -> APIRouter:
         response_model=Readiness,
         responses={503: {"model": Readiness, "description": "Not ready: what failed is named"}},
     )
-    async def readyz(ctx: AppState = Depends(app_state)) -> JSONResponse:
+    async def readyz(ctx: AppState = Depends(ops_access)) -> JSONResponse:
         checks: dict[str, str] = {}
-        ok = True
         try:
             await ctx.store.ping()
             checks["store"] = "ok"
         except Exception as exc:
-            ok = False
             checks["store"] = f"error: {type(exc).__name__}"
-        for name, backend in ctx.engines.backends.items():
-            try:
-                await backend.check()
-                checks[f"backend:{name}"] = "ok"
-            except Exception as exc:
-                ok = False
-                checks[f"backend:{name}"] = f"error: {getattr(exc, 'message', type(exc).__name__)}"
+        checks.update(await _backend_checks(ctx))
+        ok = all(v == "ok" for v in checks.values())
         scheduler: dict[str, Any] = {}
         for name, lane in ctx.engines.lanes.items():
             snap = lane.snapshot()
@@ -80,11 +122,8 @@ def ops_router() -> APIRouter:
         )
 
     @r.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=PROMETHEUS)
-    async def metrics(ctx: AppState = Depends(app_state)) -> Response:
-        try:
-            counts = await ctx.store.generations.count_by_state()
-        except Exception:
-            counts = None  # the store being down must not hide the process's own metrics
+    async def metrics(ctx: AppState = Depends(ops_access)) -> Response:
+        counts = await _counts(ctx)
         if counts is not None:
             for state in State:
                 ctx.metrics.generations.labels(state.value).set(counts.get(state.value, 0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import Request
 
@@ -36,6 +36,7 @@ class AppState:
     keys_exist: bool = False
     keys_checked_at: float = field(default=0.0)
     key_cache: dict[str, tuple[str | None, float]] = field(default_factory=dict)
+    ops_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
 
     def wake_worker(self) -> None:
         self.wake.wake_worker()

@@ -50,17 +50,12 @@ class Keys:
                 )
             ).scalar_one_or_none()
 
-    async def any_live(self) -> bool:
-        """Whether any unrevoked key exists."""
+    async def any_created(self) -> bool:
+        """Whether a key was ever created, revoked or not: once one was, the server never runs
+        open again (revoking the last key must not reopen it)."""
         async with self._db.reader.connect() as conn:
-            n = (
-                await conn.execute(
-                    sa.select(sa.func.count())
-                    .select_from(api_keys)
-                    .where(api_keys.c.revoked_at.is_(None))
-                )
-            ).scalar_one()
-        return int(n) > 0
+            found = (await conn.execute(sa.select(api_keys.c.id).limit(1))).scalar_one_or_none()
+        return found is not None
 
     async def revoke(self, key_id: str) -> bool:
         async with self._db.writer.begin() as conn:

@@ -8,7 +8,7 @@
     store.files         create, get, list, delete
     store.webhooks      create, list, get, exists, update, delete                (endpoints)
     store.outbox        enqueue_test, claim, record_attempt, attempts, redeliver, count_by_state
-    store.keys          create, tenant_for, any_live, list, revoke                (API keys)
+    store.keys          create, tenant_for, any_created, list, revoke               (API keys)
     store.idempotency   answer, save                                            (Idempotency-Key)
 
 They share one :class:`~backburner.store.base.Database` (the writer and reader engines). What
