@@ -33,6 +33,15 @@ CHUNK_SIZE = 1024 * 1024
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable (POSIX: the directory entry is data too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class BlobInfo(NamedTuple):
     """What writing a blob measured: its size, its line count and its sha256 (hex)."""
 
@@ -110,6 +119,7 @@ class BlobWriter:
         os.fsync(fh.fileno())
         fh.close()
         os.replace(self._tmp, self._final)
+        _fsync_dir(self._final.parent)  # the rename itself survives a power loss
 
     async def abort(self) -> None:
         """Drop what was written; nothing is left behind. Safe to call more than once."""

@@ -32,7 +32,9 @@ def _sqlite_events(engine: AsyncEngine, *, immediate: bool) -> None:
         # busy_timeout first: switching to WAL takes a lock another connection may hold
         cur.execute("PRAGMA busy_timeout=30000")
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit is on disk before the submit is answered. NORMAL in WAL mode can lose
+        # the last transactions on power loss, and an acknowledged submit must never be lost.
+        cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
