@@ -346,19 +346,9 @@ async def test_keys_are_scoped_per_tenant(
     assert await rows(h, route.table, "tenant-a") == await rows(h, route.table, "tenant-b") == 1
 
 
-CONCURRENT_RACE = (
-    "POST /v1/batches and POST /v1/webhooks save the Idempotency-Key after the object is "
-    "committed (idempotency.once), not in its transaction: two concurrent requests with the "
-    "same key both create, and the second save raises IdempotencyRace, answered 500"
-)
-
-
-RACES = pytest.mark.xfail(strict=True, raises=AssertionError, reason=CONCURRENT_RACE)
-
-
 @pytest.mark.parametrize(
     "route",
-    [SLOW, GROUP, pytest.param(WEBHOOKS, marks=RACES), pytest.param(BATCHES, marks=RACES)],
+    [SLOW, GROUP, WEBHOOKS, BATCHES],
     ids=str,
 )
 async def test_concurrent_same_key_creates_one(

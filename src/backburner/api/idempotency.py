@@ -1,9 +1,12 @@
 """``Idempotency-Key``: the same key and body within the TTL replays the first answer; the same
 key with another body is 409. For submissions the key is stored in the same transaction as the
-work it creates, so a retry after a crash never submits twice."""
+work it creates, so a retry after a crash never submits twice. Other POSTs (:func:`once`) reserve
+the key before they run, so two requests with one key never both run: the second is answered 409
+"in progress" until the first has answered, then gets its answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,8 +19,10 @@ from backburner.api.bodies import body_hash
 from backburner.api.state import AppState
 from backburner.core.outcome import Idempotency
 from backburner.errors import Conflict, InvalidRequest
+from backburner.store.idempotency import IN_PROGRESS
 
 HEADER = "idempotency-key"
+IN_PROGRESS_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -30,9 +35,19 @@ class IdemKey:
 
 
 async def replay(ctx: AppState, tenant: str, key: IdemKey) -> JSONResponse | None:
-    found = await ctx.store.idempotency.answer(
-        tenant, key.key, ctx.settings.idempotency_ttl_seconds
-    )
+    """The answer saved for ``key``, or None. While another request holds the key, wait a
+    little for its answer (a client that retried quickly gets the first answer), then say it is
+    still running (409)."""
+    deadline = ctx.now() + IN_PROGRESS_WAIT_SECONDS
+    while True:
+        found = await ctx.store.idempotency.answer(
+            tenant, key.key, ctx.settings.idempotency_ttl_seconds
+        )
+        if found is None or found[0] != key.request_hash or found[1] != IN_PROGRESS:
+            break
+        if ctx.now() > deadline:
+            break
+        await asyncio.sleep(0.05)
     if found is None:
         return None
     request_hash, status_code, answer = found
@@ -41,6 +56,13 @@ async def replay(ctx: AppState, tenant: str, key: IdemKey) -> JSONResponse | Non
             "this Idempotency-Key was already used with a different request body",
             param="Idempotency-Key",
             code="idempotency_key_reused",
+        )
+    if status_code == IN_PROGRESS:
+        raise Conflict(
+            "a request with this Idempotency-Key is still running; retry in a moment to get its"
+            " answer",
+            param="Idempotency-Key",
+            code="idempotency_key_in_progress",
         )
     return JSONResponse(answer, status_code=status_code, headers={"Idempotent-Replayed": "true"})
 
@@ -53,23 +75,31 @@ async def once(
     run: Callable[[], Awaitable[Any]],
 ) -> Any:
     """Run a POST handler at most once per Idempotency-Key (and body): a repeat gets the first
-    successful answer. The key is saved right after the handler succeeds; answers that are
-    errors are not saved, so a retry after an error runs again."""
+    successful answer. The key is reserved before the handler runs and holds its answer after;
+    answers that are errors are not saved, so a retry after an error runs again."""
     key, replayed = await begin(ctx, tenant, request, raw)
     if replayed is not None:
         return replayed
-    result = await run()
     if key is None:
-        return result
-    if isinstance(result, JSONResponse):
-        if result.status_code != 200:
-            return result
-        answer = json.loads(bytes(result.body))
-    else:
-        answer = result
-    await ctx.store.idempotency.save(
-        tenant, key.with_answer(answer), ctx.settings.idempotency_ttl_seconds
-    )
+        return await run()
+    idem = ctx.store.idempotency
+    if not await idem.reserve(
+        tenant, key.key, key.request_hash, ctx.settings.idempotency_ttl_seconds
+    ):
+        return await replay(ctx, tenant, key)  # the other request's answer, or 409 in progress
+    try:
+        result = await run()
+        if isinstance(result, JSONResponse):
+            if result.status_code != 200:
+                await idem.release(tenant, key.key)
+                return result
+            answer = json.loads(bytes(result.body))
+        else:
+            answer = result
+    except BaseException:
+        await idem.release(tenant, key.key)
+        raise
+    await idem.complete(tenant, key.with_answer(answer))
     return JSONResponse(answer)
 
 

@@ -2,10 +2,15 @@
 
 Validation reads the whole file once (streamed; only an 8-byte hash of each custom_id is kept, to
 find duplicates) and refuses the batch with line-numbered errors if any line is bad: nothing
-runs. A good file is then loaded in chunks; each chunk is a compare-and-set on the batch's
-``loaded`` count, so a worker that dies mid-load is replaced by one that resumes where it
-stopped. When a batch's last generation is terminal the batch is ``finalizing``: a runner
-writes the output and error files from the store and completes it.
+runs. A line longer than ``max_line_bytes`` is one of them, found without holding it. A good file
+is then loaded in chunks; each chunk is a compare-and-set on the batch's ``loaded`` count, so a
+worker that dies mid-load is replaced by one that resumes where it stopped. When a batch's last
+generation is terminal the batch is ``finalizing``: a runner writes the output and error files
+from the store and completes it.
+
+Poison: a batch whose handling raises is put back with a later next try (backoff), so the
+runner claims the others meanwhile; after ``max_tries`` failed tries in a row it is failed with
+an ``errors`` entry that says why (where its status allows failing).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 from backburner.core.clock import utcnow
 from backburner.core.ids import lease_owner_id, new_id
+from backburner.core.retry import Backoff
 from backburner.core.states import BATCH_RUNNING, BatchStatus, FileStatus
 from backburner.errors import BackburnerError
 from backburner.schemas.batch import (
@@ -32,32 +38,58 @@ from backburner.schemas.batch import (
     parse_line,
 )
 from backburner.store import Store
-from backburner.store.blobs import LocalBlobStore
+from backburner.store.blobs import BlobNotFound, LocalBlobStore
+from backburner.store.codec import printable
 
 log = logging.getLogger("backburner.batches")
 
+MAX_LINE_BYTES = 8 * 1024 * 1024
 
-async def iter_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, bytes]]:
-    """(1-based line number, line without its newline) for each non-blank line."""
-    buf = b""
+
+async def iter_lines(
+    chunks: AsyncIterator[bytes], max_line_bytes: int = MAX_LINE_BYTES
+) -> AsyncIterator[tuple[int, bytes | None]]:
+    """(1-based line number, line without its newline) for each non-blank line; ``None`` for a
+    line longer than ``max_line_bytes`` (without its newline), whose bytes are dropped as they
+    stream. Holds at most ``max_line_bytes`` besides the chunk at hand, and looks at each byte
+    once."""
+    buf = bytearray()  # the line so far, from earlier chunks
+    too_long = False  # the line so far is over the bound: its bytes are being dropped
     lineno = 0
     async for chunk in chunks:
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
             lineno += 1
-            if line.strip():
-                yield lineno, line
-    if buf.strip():
-        yield lineno + 1, buf
+            if too_long or len(buf) + end - start > max_line_bytes:
+                yield lineno, None
+            else:
+                line = bytes(buf) + chunk[start:end] if buf else chunk[start:end]
+                if line.strip():
+                    yield lineno, line
+            buf.clear()
+            too_long = False
+            start = end + 1
+        if too_long:
+            continue
+        if len(buf) + len(chunk) - start > max_line_bytes:
+            buf.clear()
+            too_long = True
+        else:
+            buf += chunk[start:]
+    if too_long:
+        yield lineno + 1, None
+    elif buf.strip():
+        yield lineno + 1, bytes(buf)
 
 
-def _loaded_line(batch: BatchRecord, lineno: int, raw: bytes) -> BatchLine:
+def _loaded_line(batch: BatchRecord, lineno: int, raw: bytes | None) -> BatchLine:
     """A line that passed validation: read it without validating it again."""
     try:
+        if raw is None:
+            raise ValueError("the line is too long")
         obj = json.loads(raw)
         return BatchLine(str(obj["custom_id"]), dict(obj["body"]))
-    except (ValueError, KeyError, TypeError) as exc:  # the file changed after validation
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # the file changed
         raise BackburnerError(
             f"batch {batch.id}: input line {lineno} changed after validation"
         ) from exc
@@ -69,6 +101,11 @@ def _h(custom_id: str) -> int:
     )
 
 
+def _described(exc: BaseException) -> str:
+    said = (str(exc).splitlines() or [""])[0]
+    return printable(f"{type(exc).__name__}: {said}" if said else type(exc).__name__, 300)
+
+
 class BatchRunner:
     def __init__(
         self,
@@ -77,21 +114,29 @@ class BatchRunner:
         known_models: Collection[str],
         *,
         max_lines: int = 1_000_000,
+        max_line_bytes: int = MAX_LINE_BYTES,
         lease_seconds: float = 120.0,
         poll_interval: float = 1.0,
         chunk_lines: int = 5000,
+        max_tries: int = 5,
+        retry_backoff: Backoff | None = None,
         worker_id: str | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.models = frozenset(known_models)
         self.max_lines = max_lines
+        self.max_line_bytes = max_line_bytes
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.chunk_lines = chunk_lines
+        self.max_tries = max_tries
+        self.retry_backoff = retry_backoff or Backoff(base_seconds=2.0, cap_seconds=300.0)
         self.id = worker_id or lease_owner_id("batches")
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        # failed tries in a row, per batch, by this runner (a success or a give-up forgets it)
+        self._failures: dict[str, int] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -124,6 +169,7 @@ class BatchRunner:
 
     async def _handle(self, batch: BatchRecord) -> None:
         keeper = asyncio.create_task(self._keep_lease(batch.id))
+        retry_in: float | None = None
         try:
             if batch.status == BatchStatus.VALIDATING:
                 total = await self.validate(batch)
@@ -138,27 +184,90 @@ class BatchRunner:
                 batch.status == BatchStatus.CANCELLING and batch.pending <= 0
             ):
                 await self.finalize(batch)
-        except Exception:
-            log.exception(
-                "batch %s: work failed; another try follows when the lease ends", batch.id
-            )
+        except Exception as exc:
+            retry_in = await self._failed(batch, exc)
+        else:
+            self._failures.pop(batch.id, None)
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             with contextlib.suppress(Exception):
-                await self.store.batch_runs.release(self.id, batch.id)
+                await self.store.batch_runs.release(self.id, batch.id, retry_in=retry_in)
 
-    async def _lines(self, batch: BatchRecord) -> AsyncIterator[tuple[int, bytes]]:
+    async def _failed(self, batch: BatchRecord, exc: Exception) -> float:
+        """Count a failed try of ``batch``: seconds until its next try; after ``max_tries`` in
+        a row the batch is failed instead (when its status allows; otherwise it is tried again
+        after the backoff's cap, or a lease if that is longer)."""
+        tries = self._failures.get(batch.id, 0) + 1
+        self._failures[batch.id] = tries
+        if tries < self.max_tries:
+            delay = self.retry_backoff.delay(tries)
+            log.warning(
+                "batch %s (%s): try %d of %d failed; next try in %.1f s",
+                batch.id,
+                batch.status,
+                tries,
+                self.max_tries,
+                delay,
+                exc_info=exc,
+            )
+            return delay
+        error = {
+            "code": "batch_failed",
+            "line": None,
+            "param": None,
+            "message": f"the batch could not be processed ({batch.status}) after {tries} tries:"
+            f" {_described(exc)}",
+        }
+        try:
+            failed = await self.store.batch_runs.fail(self.id, batch.id, [error])
+        except Exception:
+            log.exception("batch %s: recording its failure failed", batch.id)
+            failed = False
+        if failed:
+            self._failures.pop(batch.id, None)
+            log.error("batch %s failed after %d tries", batch.id, tries, exc_info=exc)
+            return 0.0
+        delay = max(self.retry_backoff.cap_seconds, self.lease_seconds)
+        log.error(
+            "batch %s: try %d failed; a batch %s cannot be failed, next try in %.0f s",
+            batch.id,
+            tries,
+            batch.status,
+            delay,
+            exc_info=exc,
+        )
+        return delay
+
+    async def _lines(self, batch: BatchRecord) -> AsyncIterator[tuple[int, bytes | None]]:
         record = await self.store.files.get(batch.tenant, batch.input_file_id)
         if record.blob is None:
             raise BackburnerError(f"input file {batch.input_file_id} has no content")
         reader = await self.blobs.open(record.blob)
         try:
-            async for item in iter_lines(reader):
+            async for item in iter_lines(reader, self.max_line_bytes):
                 yield item
         finally:
             await reader.aclose()
+
+    def _parse(
+        self, batch: BatchRecord, lineno: int, raw: bytes | None
+    ) -> BatchLine | list[LineError]:
+        """One line checked; whatever it holds, a problem is a line error (never raised)."""
+        if raw is None:
+            return [
+                LineError(
+                    lineno,
+                    f"line {lineno} is longer than {self.max_line_bytes} bytes, the most one"
+                    " line may hold",
+                )
+            ]
+        try:
+            return parse_line(lineno, raw, batch.endpoint, self.models)
+        except Exception as exc:  # a bug in checking, or a line that defeats it: not the batch's
+            log.exception("batch %s: checking line %d raised", batch.id, lineno)
+            return [LineError(lineno, f"line {lineno} could not be checked: {_described(exc)}")]
 
     async def validate(self, batch: BatchRecord) -> int | None:
         """Check every line; returns the number of requests, or None when the batch failed."""
@@ -177,7 +286,7 @@ class BatchRunner:
                     )
                     bad_lines += 1
                     break
-                parsed = parse_line(lineno, raw, batch.endpoint, self.models)
+                parsed = self._parse(batch, lineno, raw)
                 if isinstance(parsed, list):
                     bad_lines += 1
                     if len(errors) < MAX_REPORTED_ERRORS:
@@ -186,6 +295,8 @@ class BatchRunner:
                 hashes.append(_h(parsed.custom_id))
         except BackburnerError as exc:
             errors.append(LineError(0, f"input file cannot be read: {exc.message}"))
+        except BlobNotFound:
+            errors.append(LineError(0, "input file cannot be read: its content is gone"))
         if not errors and not hashes:
             errors.append(LineError(0, "the input file holds no requests"))
         if len(hashes) > 1:  # report duplicates in the same round as other errors
@@ -218,7 +329,7 @@ class BatchRunner:
         seen: dict[str, int] = {}
         out: list[LineError] = []
         async for lineno, raw in self._lines(batch):
-            parsed = parse_line(lineno, raw, batch.endpoint, self.models)
+            parsed = self._parse(batch, lineno, raw)
             if isinstance(parsed, list) or _h(parsed.custom_id) not in suspects:
                 continue
             first = seen.setdefault(parsed.custom_id, lineno)

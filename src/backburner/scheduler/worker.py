@@ -25,12 +25,21 @@ from backburner.core.ids import lease_owner_id
 from backburner.core.outcome import Outcome
 from backburner.core.retry import Backoff, should_retry
 from backburner.core.states import State, StateMessage
-from backburner.errors import BackendError, Preempted
+from backburner.errors import BackendError, Preempted, ServiceUnavailable
 from backburner.metrics import Metrics
 from backburner.schemas.generation import GenerationRecord
 from backburner.store import Store
+from backburner.store.codec import Unstorable, printable
 
 log = logging.getLogger("backburner.worker")
+
+
+def _said(exc: Exception) -> str:
+    """What an error says, for a message: the reason of an :class:`Unstorable`, else the first
+    line of the error (a database error's later lines quote the statement and its values)."""
+    if isinstance(exc, Unstorable):
+        return exc.reason
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 @dataclass
@@ -239,27 +248,27 @@ class Worker:
                 outcomes.append(self._results.get_nowait())
             try:
                 await self._write(outcomes)
+            except Exception:  # one group must never stop the writer: the rest are written
+                log.exception("the writer failed on %d outcomes", len(outcomes))
             finally:
                 for _ in outcomes:
                     self._results.task_done()
 
     async def _write(self, outcomes: list[Outcome]) -> None:
-        delay = 0.1
-        while True:
-            try:
-                completed = await self.store.work.finish(self.id, outcomes)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("recording %d outcomes failed; retrying", len(outcomes))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        for outcome in outcomes:
+        """Record a group of outcomes, then let go of them.
+
+        A group the store will not take is tried once more, then split in halves until an
+        outcome it refuses is alone: that one is recorded as Failed ("the engine's answer could
+        not be stored"), without what it held; the others as they are. Only a database that
+        cannot be reached keeps the writer on the same write (waiting, losing nothing).
+        """
+        written, completed = await self._record(outcomes, retry=True)
+        for outcome in outcomes:  # written, or let go for maintenance to take back
             self._held.discard(outcome.generation_id)
+        for outcome in written:
             if outcome.state.terminal:
                 self.metrics.finished.labels(outcome.state.value).inc()
-        if any(outcome.state is State.QUEUED for outcome in outcomes):
+        if any(outcome.state is State.QUEUED for outcome in written):
             self._wake.set()
         if self.after_write is not None:
             self.after_write()
@@ -267,6 +276,70 @@ class Worker:
             self.metrics.groups_completed.inc(len(completed))
             if self.on_groups_completed is not None:
                 await self.on_groups_completed(completed)
+
+    async def _record(
+        self, outcomes: list[Outcome], *, retry: bool
+    ) -> tuple[list[Outcome], list[str]]:
+        """The outcomes written (a refused one replaced by its Failed outcome; one that could
+        not be written at all left out) and the groups that completed."""
+        try:
+            return outcomes, await self._finish(outcomes, retry=retry)
+        except Exception as exc:
+            if len(outcomes) == 1:
+                return await self._record_refused(outcomes[0], exc)
+            log.warning(
+                "recording %d outcomes failed (%s); recording them in halves",
+                len(outcomes),
+                _said(exc),
+            )
+            half = len(outcomes) // 2
+            first, first_groups = await self._record(outcomes[:half], retry=False)
+            second, second_groups = await self._record(outcomes[half:], retry=False)
+            return first + second, first_groups + second_groups
+
+    async def _record_refused(
+        self, outcome: Outcome, exc: Exception
+    ) -> tuple[list[Outcome], list[str]]:
+        failed = Outcome(
+            outcome.generation_id,
+            State.FAILED,
+            f"Failed: the engine's answer could not be stored: {printable(_said(exc), 200)}",
+        )
+        log.warning(
+            "generation %s: its outcome (%s) could not be recorded: %s; recording it as Failed",
+            outcome.generation_id,
+            outcome.state.value,
+            _said(exc),
+        )
+        try:
+            return [failed], await self._finish([failed], retry=True)
+        except Exception:
+            log.exception(
+                "generation %s: not even its failure could be recorded; it is let go, and"
+                " maintenance takes it back when its lease runs out",
+                outcome.generation_id,
+            )
+            return [], []
+
+    async def _finish(self, outcomes: list[Outcome], *, retry: bool) -> list[str]:
+        """``store.work.finish``, waited out while the database cannot be reached; with
+        ``retry`` another failure is tried once more before it is raised."""
+        delay = 0.1
+        again = retry
+        while True:
+            try:
+                return await self.store.work.finish(self.id, outcomes)
+            except ServiceUnavailable as exc:
+                log.warning("recording %d outcomes: %s; waiting", len(outcomes), exc.message)
+            except Unstorable:
+                raise  # refused before reaching the database: the same again would be too
+            except Exception:
+                if not again:
+                    raise
+                again = False
+                log.warning("recording %d outcomes failed; once more", len(outcomes), exc_info=True)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     # ------------------------------------------------------------------ leases and upkeep
     async def _heartbeat(self) -> None:

@@ -11,7 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backburner.core.clock import epoch
 from backburner.core.states import BATCH_FINISHED, BatchStatus, Kind
-from backburner.schemas.validation import Problem, check, load_json, validate_request
+from backburner.schemas.openai import MAX_CUSTOM_ID
+from backburner.schemas.validation import (
+    JsonValueError,
+    Problem,
+    check,
+    load_json,
+    validate_request,
+)
 
 ENDPOINTS: dict[str, Kind] = {
     "/v1/chat/completions": Kind.CHAT,
@@ -179,18 +186,29 @@ class BatchList(BaseModel):
 
 class BatchRequestInput(BaseModel):
     """One line of a batch input file. ``body`` is checked as a request of the batch's endpoint
-    (its kind is the batch's, not the line's): see :func:`parse_line`."""
+    (its kind is the batch's, not the line's): see :func:`parse_line`. ``custom_id`` is stored
+    in a text column of :data:`MAX_CUSTOM_ID` characters, so it must fit and hold no NUL
+    (PostgreSQL refuses it); invalid Unicode and deep nesting are refused for the whole line by
+    :func:`~backburner.schemas.validation.load_json`."""
 
     model_config = ConfigDict(extra="forbid")
     hints: ClassVar[dict[str, str]] = {
-        "custom_id": "a non-empty string of at most 512 characters, unique in the file",
+        "custom_id": f"a non-empty string of at most {MAX_CUSTOM_ID} characters, unique in the"
+        " file",
     }
 
-    custom_id: Annotated[str, Field(min_length=1, max_length=512)]
+    custom_id: Annotated[str, Field(min_length=1, max_length=MAX_CUSTOM_ID)]
     method: Literal["POST"]
     url: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] | None = None
     """May be omitted: the kind is then read from the body (messages, prompt or input)."""
     body: dict[str, Any]
+
+    @field_validator("custom_id")
+    @classmethod
+    def _storable_custom_id(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
 
 class BatchResponseData(BaseModel):
@@ -275,6 +293,11 @@ def parse_line(
     its body checked as the batch's endpoint would check it."""
     try:
         obj = load_json(raw)
+    except JsonValueError as exc:  # parses, but could not be stored or sent back
+        what = f"{exc.path}: {exc.message}" if exc.path else f"the line {exc.message}"
+        return [LineError(lineno, f"line {lineno}: {what}", exc.path or None)]
+    except RecursionError:  # load_json catches it; a line must never raise whatever it holds
+        return [LineError(lineno, f"line {lineno}: the line is nested too deeply")]
     except (ValueError, UnicodeDecodeError) as exc:
         return [LineError(lineno, f"line {lineno} is not valid JSON: {exc}")]
     line, problems = check(BatchRequestInput, obj, root="")

@@ -44,7 +44,9 @@ class BatchRuns:
         self._terminal = terminal
 
     async def claim(self, worker_id: str, lease_seconds: float) -> BatchRecord | None:
-        """A batch that needs a worker: to validate and load, or to finalize."""
+        """A batch that needs a worker: to validate and load, or to finalize. One whose lease
+        has not run out is skipped: held by a worker, or put back with a later next try
+        (:meth:`release` with ``retry_in``), so a batch that fails is not claimed first again."""
         now = utcnow()
         pick = (
             sa.select(B.c.id)
@@ -87,16 +89,24 @@ class BatchRuns:
             )
         return bool(res.rowcount)
 
-    async def release(self, worker_id: str, batch_id: str) -> None:
+    async def release(
+        self, worker_id: str, batch_id: str, *, retry_in: float | None = None
+    ) -> None:
+        """Give the batch back; with ``retry_in`` (seconds) no worker claims it before then."""
+        values: dict[str, Any] = dict(CLEARED)
+        if retry_in is not None:
+            values["lease_expires_at"] = utcnow() + timedelta(seconds=max(0.0, retry_in))
         async with self._db.writer.begin() as conn:
             await conn.execute(
-                B.update().where(B.c.id == batch_id, B.c.lease_owner == worker_id).values(**CLEARED)
+                B.update().where(B.c.id == batch_id, B.c.lease_owner == worker_id).values(**values)
             )
 
     async def fail(
         self, worker_id: str, batch_id: str, errors: Sequence[Mapping[str, Any]]
-    ) -> None:
-        """Validation failed: nothing runs; the errors name their lines."""
+    ) -> bool:
+        """Validation failed, or the batch could not be handled however often it was tried:
+        it is ``failed`` with ``errors``. False when its status allows no failing (it is then
+        unchanged) or this worker lost its lease."""
         now = utcnow()
         async with self._db.writer.begin() as conn:
             res = await conn.execute(
@@ -115,6 +125,7 @@ class BatchRuns:
             )
             if res.rowcount:
                 await self._terminal.batch_finished(conn, batch_id, now)
+        return bool(res.rowcount)
 
     async def start(self, worker_id: str, batch_id: str, total: int) -> bool:
         """Validation passed: the batch is in progress with ``total`` requests to load.

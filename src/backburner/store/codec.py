@@ -1,4 +1,11 @@
-"""Row <-> record conversion and JSON encoding (kept exact: the request is stored as sent)."""
+"""Row <-> record conversion and JSON encoding (kept exact: the request is stored as sent).
+
+What a text column can hold: no NUL (PostgreSQL refuses it) and nothing that is not UTF-8 (a
+lone surrogate such as ``"\ud800"``; both databases refuse it). :func:`dumps` escapes both, so a
+request is stored whatever it holds; :func:`checked_text` and :func:`answer` refuse them instead
+(:class:`Unstorable`), for values that are stored as they are or must be sent on as UTF-8 JSON;
+:func:`printable` writes them as escapes in a message of ours.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +29,60 @@ def dumps(obj: Any) -> str:
     except UnicodeEncodeError:  # a lone surrogate (valid JSON, not UTF-8): keep it escaped
         text = json.dumps(obj, separators=(",", ":"), ensure_ascii=True)
     return text
+
+
+class Unstorable(ValueError):
+    """A value that no column can hold as it is (``reason`` says why, without the value)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _utf8(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def checked_text(value: str, what: str) -> str:
+    """``value`` for a text column, or :class:`Unstorable` naming ``what`` when it holds a NUL
+    or invalid Unicode (refused the same way on SQLite and PostgreSQL)."""
+    if "\x00" in value:
+        raise Unstorable(f"{what} holds a NUL character")
+    if not _utf8(value):
+        raise Unstorable(f"{what} holds invalid Unicode (a lone surrogate)")
+    return value
+
+
+def answer(obj: Any, what: str = "the response") -> str:
+    """JSON text of a value that is read back and sent on as UTF-8 JSON (an engine's answer):
+    :class:`Unstorable` when it could not be (invalid Unicode, NaN or Infinity, nesting too deep
+    to encode, or not JSON at all). NUL is fine: JSON escapes it."""
+    try:
+        encoded = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except RecursionError:
+        raise Unstorable(f"{what} is nested too deeply") from None
+    except ValueError:
+        raise Unstorable(f"{what} holds a number JSON cannot carry (NaN or Infinity)") from None
+    except TypeError as exc:
+        raise Unstorable(f"{what} is not JSON ({exc})") from None
+    return checked_text(encoded, what)
+
+
+def printable(value: str, limit: int = 300) -> str:
+    """``value`` cut to ``limit`` characters, with NUL and lone surrogates written as escapes:
+    fit for a text column and UTF-8 JSON (for messages that quote what went wrong)."""
+    if len(value) > limit:
+        value = value[: limit - 1] + "…"
+    value = value.replace("\x00", "\\x00")
+    if not _utf8(value):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def loads(text: str | None) -> Any:

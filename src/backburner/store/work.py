@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from backburner.core.clock import utcnow
 from backburner.core.outcome import Outcome
 from backburner.core.states import GroupStatus, State, StateMessage, can_transition, sources
+from backburner.errors import ServiceUnavailable
 from backburner.schemas.generation import GenerationRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of
@@ -28,6 +29,25 @@ from backburner.store.terminal import Terminal
 G = generations
 CLEARED = {"lease_owner": None, "lease_expires_at": None}
 IDEMPOTENCY_RETENTION = timedelta(days=2)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The database could not be reached (down, restarting, connection lost, locked): the same
+    write may succeed later. Anything else it raised is about what was written."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa.exc.OperationalError | sa.exc.InterfaceError
+        )
+    return isinstance(exc, OSError | TimeoutError | sa.exc.DisconnectionError | sa.exc.TimeoutError)
+
+
+def _stored(outcome: Outcome) -> tuple[str, str | None]:
+    """An outcome's message and response as their columns hold them, or
+    :class:`~backburner.store.codec.Unstorable`."""
+    message = codec.checked_text(outcome.message, "the message")
+    if outcome.response is None:
+        return message, None
+    return message, codec.answer(outcome.response)
 
 
 class Work:
@@ -101,9 +121,32 @@ class Work:
         read), so a worker whose lease was taken away records nothing. Three statements whatever
         the batch size: lock-and-read, then one executemany per kind of outcome.
         Returns the ids of groups that completed.
+
+        Nothing is written when it raises: :class:`~backburner.store.codec.Unstorable` (before
+        any query) when an outcome holds what no column can (``reason`` says what),
+        :class:`~backburner.errors.ServiceUnavailable` when the database
+        could not be reached (the same call may succeed later), or what the database raised
+        when it refused the write.
         """
         if not outcomes:
             return []
+        stored = {o.generation_id: _stored(o) for o in outcomes}
+        try:
+            return await self._finish(worker_id, outcomes, stored)
+        except Exception as exc:
+            if _unreachable(exc):
+                said = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise ServiceUnavailable(
+                    f"the database could not be reached: {codec.printable(said, 200)}"
+                ) from exc
+            raise
+
+    async def _finish(
+        self,
+        worker_id: str,
+        outcomes: Sequence[Outcome],
+        stored: dict[str, tuple[str, str | None]],
+    ) -> list[str]:
         now = utcnow()
         async with self._db.writer.begin() as conn:
             owned = {
@@ -127,11 +170,12 @@ class Work:
                 row = owned.pop(o.generation_id, None)
                 if row is None or not can_transition(State(row["state"]), o.state):
                     continue
+                message, response = stored[o.generation_id]
                 if o.state is State.QUEUED:
                     retry.append(
                         {
                             "b_id": o.generation_id,
-                            "b_msg": o.message,
+                            "b_msg": message,
                             "b_at": o.retry_at or now,
                             "b_uncount": 0 if o.count_attempt else 1,
                         }
@@ -141,8 +185,8 @@ class Work:
                     {
                         "b_id": o.generation_id,
                         "b_state": o.state.value,
-                        "b_msg": o.message,
-                        "b_resp": codec.dumps(o.response) if o.response is not None else None,
+                        "b_msg": message,
+                        "b_resp": response,
                     }
                 )
                 finished.append({**row, "state": o.state.value})
