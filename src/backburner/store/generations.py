@@ -69,10 +69,17 @@ class Generations:
         row = new_rows(tenant, [item], [new_id()], 0, now, now + timedelta(seconds=expiry_seconds))[
             0
         ]
+        stored: str | None = None
+        if response is not None:
+            try:
+                stored = codec.answer(response, "the engine's answer")
+            except codec.Unstorable as exc:
+                # kept and announced as a failure rather than stored unreadable
+                state, message = State.FAILED, f"Failed: {exc}"
         row.update(
             state=state.value,
-            state_message=message,
-            response=codec.dumps(response) if response is not None else None,
+            state_message=codec.printable(message, 2000),
+            response=stored,
             attempts=1,
             dispatched_at=dispatched_at,
             finished_at=now,
