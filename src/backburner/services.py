@@ -54,9 +54,8 @@ def worker_options(settings: Settings) -> WorkerOptions:
 
 def dispatcher_options(settings: Settings) -> DispatcherOptions:
     return DispatcherOptions(
-        max_retries=settings.webhook_max_retries,
-        retry_base=settings.webhook_retry_base_seconds,
-        retry_cap=settings.webhook_retry_cap_seconds,
+        retry_schedule=tuple(settings.webhook_retry_schedule_seconds),
+        retry_jitter=settings.webhook_retry_jitter,
         poll_interval=settings.webhook_poll_interval_seconds,
         concurrency=settings.webhook_concurrency,
     )

@@ -2,7 +2,8 @@
 
 Events are written by :meth:`Outbox.enqueue` inside the transaction of the state change that
 causes them, so a crash between completing and notifying loses nothing. Delivery workers claim due
-events with a lease, like generations, and record each attempt.
+events with a lease, like generations, and record each attempt. Events of a disabled endpoint are
+never claimed: they stay pending until it is enabled again (``Webhooks.update`` makes them due).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from backburner.schemas.webhook import AttemptRecord, DueEvent
 from backburner.store import codec
 from backburner.store.base import Database, one_of
 from backburner.store.tables import webhook_attempts, webhook_events, webhooks
-from backburner.store.webhooks import Webhooks
+from backburner.store.webhooks import Webhooks, hold_events
 
 W = webhook_events
 A = webhook_attempts
@@ -152,14 +153,21 @@ class Outbox:
 
     # ------------------------------------------------------------------ delivering
     async def claim(self, worker_id: str, limit: int, lease_seconds: float) -> list[DueEvent]:
-        """Take up to ``limit`` due pending events under a lease, oldest first."""
+        """Take up to ``limit`` due pending events under a lease, oldest first; events of a
+        disabled endpoint wait (an event whose endpoint was deleted is claimed, to fail)."""
         now = utcnow()
+        endpoint_disabled = (
+            sa.exists()
+            .where(webhooks.c.id == W.c.webhook_id, webhooks.c.enabled.is_(False))
+            .correlate(W)
+        )
         pick = (
             sa.select(W.c.id)
             .where(
                 W.c.state == EventState.PENDING.value,
                 W.c.next_attempt_at <= now,
                 sa.or_(W.c.lease_expires_at.is_(None), W.c.lease_expires_at < now),
+                ~endpoint_disabled,
             )
             .order_by(W.c.next_attempt_at)
             .limit(limit)
@@ -250,6 +258,18 @@ class Outbox:
                     .where(webhooks.c.id == event.webhook_id)
                     .values(enabled=False, updated_at=now)
                 )
+                await hold_events(conn, event.webhook_id, now)
+
+    async def release(self, worker_id: str, event: DueEvent) -> None:
+        """Give a claimed event back untried (its endpoint was disabled meanwhile): it stays
+        pending, its attempts uncounted, and waits for the endpoint to be enabled. It is not
+        parked (the endpoint may be enabled again already)."""
+        async with self._db.writer.begin() as conn:
+            await conn.execute(
+                W.update()
+                .where(W.c.id == event.id, W.c.lease_owner == worker_id)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
 
     # ------------------------------------------------------------------ reading, redelivering
     async def attempts(self, tenant: str, webhook_id: str, limit: int = 100) -> list[AttemptRecord]:

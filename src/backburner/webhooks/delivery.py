@@ -3,13 +3,15 @@
 An attempt is: check the URL (scheme, host, and optionally that it is not a private address),
 serialise the payload, send an ``OPTIONS`` readiness request, then ``POST`` the signed JSON.
 Redirects are never followed. The outcome is an :class:`Attempt`; whether to try again is
-decided here (``retryable``), when is :func:`next_delay`'s job, and the outbox records both.
+decided here (``retryable``), when is :func:`next_delay`'s job (a fixed schedule of delays, by
+default the Standard Webhooks one: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h), and the outbox
+records both.
 
     2xx                          delivered
     410                          failed, never retried, endpoint disabled
     3xx, other 4xx               failed, never retried
-    5xx, 408, 429                retried (honouring Retry-After)
-    timeout, connection error    retried
+    5xx, 408, 429                retried on the schedule (Retry-After may push an attempt later)
+    timeout, connection error    retried on the schedule
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -28,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from backburner.core.retry import Backoff
+from backburner.config import WEBHOOK_RETRY_SCHEDULE
 from backburner.errors import InvalidRequest
 from backburner.schemas.events import headers_for
 from backburner.webhooks.signing import signature_headers
@@ -150,20 +152,25 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
 def next_delay(
     attempt: int,
     retry_after: float | None,
-    base: float = 1.0,
-    cap: float = 300.0,
+    schedule: Sequence[float] = WEBHOOK_RETRY_SCHEDULE,
     *,
+    jitter: float = 0.2,
     rng: random.Random | None = None,
-) -> float:
-    """Seconds to wait after the ``attempt``-th failed try (1-based).
+) -> float | None:
+    """Seconds to wait after the ``attempt``-th failed try (1-based); None once the schedule is
+    spent (``len(schedule) + 1`` attempts in all).
 
-    Exponential with jitter (``base * 2**(attempt-1)``, scaled by 0.5-1.0), never sooner than the
-    receiver's ``Retry-After``, and never more than ``cap``.
+    The schedule's delay for that attempt, scaled by a random factor in ``1 +- jitter``, but never
+    sooner than the receiver's ``Retry-After``; ``Retry-After`` counts up to the schedule's longest
+    delay, so a receiver can push an attempt later but cannot park it for days.
     """
-    delay = Backoff(base_seconds=base, cap_seconds=cap, jitter=0.5).delay(attempt, rng)
+    if attempt < 1 or attempt > len(schedule):
+        return None
+    r = rng.random() if rng is not None else random.random()
+    delay = schedule[attempt - 1] * (1 + jitter * (2 * r - 1))
     if retry_after is not None:
-        delay = max(delay, retry_after)
-    return float(min(cap, max(0.0, delay)))
+        delay = max(delay, min(retry_after, max(schedule)))
+    return float(max(0.0, delay))
 
 
 def _classify(status: int, retry_after: float | None, ms: int) -> Attempt:

@@ -1,6 +1,9 @@
 """The delivery worker: claims due outbox events with a lease, makes one attempt each, and logs
-it; failed attempts that may be retried come back after an exponential, jittered delay that
-honours Retry-After."""
+it. A failed attempt that may be retried comes back after the next delay of the retry schedule
+(jittered; ``Retry-After`` may push it later); when the schedule is spent the event fails.
+
+Events of a disabled endpoint are not claimed: they wait in the outbox, pending, until the endpoint
+is enabled again (``store.webhooks.update`` then makes them due at once)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
+from backburner.config import WEBHOOK_RETRY_SCHEDULE
 from backburner.core.clock import utcnow
 from backburner.core.ids import lease_owner_id
 from backburner.metrics import Metrics
@@ -22,9 +26,9 @@ log = logging.getLogger("backburner.webhooks")
 
 @dataclass
 class DispatcherOptions:
-    max_retries: int = 3
-    retry_base: float = 1.0
-    retry_cap: float = 300.0
+    # seconds to wait after each failed attempt; len(retry_schedule) + 1 attempts in all
+    retry_schedule: tuple[float, ...] = WEBHOOK_RETRY_SCHEDULE
+    retry_jitter: float = 0.2
     poll_interval: float = 0.25
     concurrency: int = 16
     lease_seconds: float = 120.0
@@ -91,37 +95,45 @@ class Dispatcher:
                 log.exception("webhook delivery of %s failed unexpectedly", ev.id)
 
     async def deliver_once(self, ev: DueEvent) -> None:
-        if ev.url is None or not ev.endpoint_enabled:
+        if ev.url is None:  # its endpoint was deleted after it was claimed
             await self.store.outbox.record_attempt(
                 self.id,
                 ev,
                 status_code=None,
                 duration_ms=0,
-                error="webhook is disabled or deleted",
+                error="webhook deleted",
                 delivered=False,
                 retry_at=None,
             )
+            return
+        if not ev.endpoint_enabled:  # disabled after it was claimed: it waits, no attempt made
+            await self.store.outbox.release(self.id, ev)
             return
         now = utcnow()
         attempt = await self.deliverer.deliver(ev.url, ev.secret, ev.id, ev.payload, now)
         number = ev.attempts + 1
         retry_at = None
-        if not attempt.delivered and attempt.retryable and number <= self.opts.max_retries:
+        if not attempt.delivered and attempt.retryable:
             delay = next_delay(
-                number, attempt.retry_after, self.opts.retry_base, self.opts.retry_cap
+                number,
+                attempt.retry_after,
+                self.opts.retry_schedule,
+                jitter=self.opts.retry_jitter,
             )
-            retry_at = utcnow() + timedelta(seconds=delay)
+            if delay is not None:
+                retry_at = utcnow() + timedelta(seconds=delay)
         outcome = "delivered" if attempt.delivered else ("retry" if retry_at else "failed")
         self.metrics.webhook_attempts.labels(ev.event, outcome).inc()
         self.metrics.webhook_seconds.observe(attempt.duration_ms / 1000)
         if not attempt.delivered:
-            log.info(
+            log.log(
+                logging.WARNING if outcome == "failed" else logging.INFO,
                 "webhook %s attempt %d to webhook %s: %s (%s)",
                 ev.id,
                 number,
                 ev.webhook_id,
                 attempt.error,
-                outcome,
+                outcome if retry_at is None else f"retry at {retry_at.isoformat()}",
             )
         await self.store.outbox.record_attempt(
             self.id,
