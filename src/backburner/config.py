@@ -165,6 +165,8 @@ class Settings(BaseSettings):
     files_dir: str = "./backburner-files"
     files_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     batch_max_lines: int = Field(default=1_000_000, ge=1)
+    # a longer input line is a line error (found in bounded memory; nothing holds it whole)
+    batch_max_line_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
     # api
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

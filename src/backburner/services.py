@@ -129,6 +129,7 @@ class Services:
             self.blobs,
             self.engines.models,
             max_lines=s.batch_max_lines,
+            max_line_bytes=s.batch_max_line_bytes,
             poll_interval=max(s.poll_interval_seconds, 0.05) * 5,
         )
 

@@ -84,7 +84,10 @@ async def update(
     changes = body.model_dump(exclude_unset=True)
     if "url" in changes:
         await _guard(ctx).check(changes["url"])
-    return (await ctx.store.webhooks.update(tenant_id, webhook_id, changes)).to_wire()
+    updated = await ctx.store.webhooks.update(tenant_id, webhook_id, changes)
+    if changes.get("enabled") is True:
+        ctx.wake_dispatcher()  # events held while it was disabled are due now
+    return updated.to_wire()
 
 
 async def delete(
