@@ -48,44 +48,46 @@ def _envelope(event: EventName, webhook_id: str | None, now: datetime) -> dict[s
     return out
 
 
-def _outcome(g: GenerationRecord) -> dict[str, Any]:
+def _outcome(generation: GenerationRecord) -> dict[str, Any]:
     """state, stateMessage, request and, when they exist, response."""
     out: dict[str, Any] = {
-        "state": g.state.value,
-        "stateMessage": g.state_message,
-        "request": g.request,
+        "state": generation.state.value,
+        "stateMessage": generation.state_message,
+        "request": generation.request,
     }
-    if g.state is State.SUCCESS and g.response is not None:
-        out["response"] = g.response
+    if generation.state is State.SUCCESS and generation.response is not None:
+        out["response"] = generation.response
     return out
 
 
-def generation_event(g: GenerationRecord) -> EventName:
+def generation_event(generation: GenerationRecord) -> EventName:
     """``async-embedding.completed`` for an embedding, else ``generation.completed``."""
-    if g.kind is Kind.EMBEDDING:
+    if generation.kind is Kind.EMBEDDING:
         return EventName.EMBEDDING_COMPLETED
     return EventName.GENERATION_COMPLETED
 
 
-def generation_completed(webhook_id: str, g: GenerationRecord, now: datetime) -> dict[str, Any]:
+def generation_completed(
+    webhook_id: str, generation: GenerationRecord, now: datetime
+) -> dict[str, Any]:
     """``generation.completed`` (``async-embedding.completed`` for an embedding)."""
-    out = _envelope(generation_event(g), webhook_id, now)
-    out["generation_id"] = g.id
-    out["generationId"] = g.id
-    data = _outcome(g)
-    if g.dispatched_at is not None:
-        data["dispatchedAt"] = iso(g.dispatched_at)
-    if g.finished_at is not None:
-        data["finishedAt"] = iso(g.finished_at)
+    out = _envelope(generation_event(generation), webhook_id, now)
+    out["generation_id"] = generation.id
+    out["generationId"] = generation.id
+    data = _outcome(generation)
+    if generation.dispatched_at is not None:
+        data["dispatchedAt"] = iso(generation.dispatched_at)
+    if generation.finished_at is not None:
+        data["finishedAt"] = iso(generation.finished_at)
     out["data"] = data
     return out
 
 
-def _group_item(g: GenerationRecord) -> dict[str, Any]:
-    item: dict[str, Any] = {"generationId": g.id, "customId": g.custom_id}
-    item.update(_outcome(g))
-    if g.finished_at is not None:
-        item["finishedAt"] = iso(g.finished_at)
+def _group_item(generation: GenerationRecord) -> dict[str, Any]:
+    item: dict[str, Any] = {"generationId": generation.id, "customId": generation.custom_id}
+    item.update(_outcome(generation))
+    if generation.finished_at is not None:
+        item["finishedAt"] = iso(generation.finished_at)
     return item
 
 

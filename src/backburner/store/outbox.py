@@ -105,22 +105,24 @@ class Outbox:
             webhook_id=hook.id,
         )
 
-    async def batch_completed(self, conn: AsyncConnection, b: BatchRecord, now: datetime) -> None:
+    async def batch_completed(
+        self, conn: AsyncConnection, batch: BatchRecord, now: datetime
+    ) -> None:
         """``batch.completed`` to the batch's webhook_url and to the tenant's subscribed hooks."""
-        wire = b.to_wire()
-        if b.webhook_url:
+        wire = batch.to_wire()
+        if batch.webhook_url:
             await self.enqueue(
                 conn,
-                tenant=b.tenant,
+                tenant=batch.tenant,
                 event=EventName.BATCH_COMPLETED,
                 payload=ev.batch_completed(None, wire, now),
                 now=now,
-                url=b.webhook_url,
+                url=batch.webhook_url,
             )
         hooks = (
             await conn.execute(
                 sa.select(webhooks.c.id, webhooks.c.events).where(
-                    webhooks.c.tenant == b.tenant, webhooks.c.enabled.is_(True)
+                    webhooks.c.tenant == batch.tenant, webhooks.c.enabled.is_(True)
                 )
             )
         ).all()
@@ -128,7 +130,7 @@ class Outbox:
             if EventName.BATCH_COMPLETED in json.loads(events_json):
                 await self.enqueue(
                     conn,
-                    tenant=b.tenant,
+                    tenant=batch.tenant,
                     event=EventName.BATCH_COMPLETED,
                     payload=ev.batch_completed(hook_id, wire, now),
                     now=now,
