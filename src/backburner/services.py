@@ -44,6 +44,7 @@ log = logging.getLogger("backburner")
 def worker_options(settings: Settings) -> WorkerOptions:
     return WorkerOptions(
         max_attempts=settings.max_attempts,
+        idempotency_ttl_seconds=settings.idempotency_ttl_seconds,
         max_lost_leases=settings.max_lost_leases,
         lease_seconds=settings.lease_seconds,
         poll_interval=settings.poll_interval_seconds,

@@ -45,6 +45,7 @@ def _said(exc: Exception) -> str:
 @dataclass
 class WorkerOptions:
     max_attempts: int = 3
+    idempotency_ttl_seconds: float = 86400.0
     max_lost_leases: int = 10
     lease_seconds: float = 30.0
     poll_interval: float = 0.2
@@ -359,7 +360,9 @@ class Worker:
         recovered = await self.store.work.recover_lost(
             give_up_after=max(self.opts.max_lost_leases, self.opts.max_attempts)
         )
-        expired, completed = await self.store.work.expire_overdue()
+        expired, completed = await self.store.work.expire_overdue(
+            idempotency_ttl_seconds=self.opts.idempotency_ttl_seconds
+        )
         if completed and self.on_groups_completed is not None:
             await self.on_groups_completed(completed)
         if expired and self.after_write is not None:

@@ -28,7 +28,6 @@ from backburner.store.terminal import Terminal
 
 G = generations
 CLEARED = {"lease_owner": None, "lease_expires_at": None}
-IDEMPOTENCY_RETENTION = timedelta(days=2)
 
 
 def _unreachable(exc: BaseException) -> bool:
@@ -290,9 +289,11 @@ class Work:
             )
         return int(res.rowcount) + len(doomed)
 
-    async def expire_overdue(self, batch: int = 500) -> tuple[int, list[str]]:
-        """Queued work past its expiry becomes Failed "Expired"; so do its groups. Old
-        Idempotency-Key answers are dropped on the way."""
+    async def expire_overdue(
+        self, batch: int = 500, *, idempotency_ttl_seconds: float = 86400.0
+    ) -> tuple[int, list[str]]:
+        """Queued work past its expiry becomes Failed "Expired"; so do its groups.
+        Idempotency-Key answers older than their TTL are dropped on the way."""
         now = utcnow()
         pick = (
             sa.select(G.c.id)
@@ -326,5 +327,5 @@ class Work:
                 .values(status=GroupStatus.EXPIRED.value)
             )
             completed = await self._terminal.generations_finished(conn, rows, now)
-            await self._idempotency.purge(conn, now - IDEMPOTENCY_RETENTION)
+            await self._idempotency.purge(conn, now - timedelta(seconds=idempotency_ttl_seconds))
         return len(rows), completed
