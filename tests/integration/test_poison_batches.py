@@ -12,7 +12,6 @@ from typing import Any, Final
 
 import pytest
 
-from backburner.config import BackendSettings, Settings
 from backburner.core.ids import new_id
 from backburner.core.retry import Backoff
 from backburner.scheduler.batches import BatchRunner
@@ -21,6 +20,7 @@ from backburner.services import Services
 from backburner.store import Store
 from backburner.store.blobs import BlobReader
 from tests.support.poison_engine import PoisonEngine
+from tests.support.services import burst_services
 
 MODEL = "fake-model"
 CHAT: Final = "/v1/chat/completions"
@@ -29,28 +29,8 @@ MIB = 1024 * 1024
 
 @pytest.fixture
 async def services(store: Store, tmp_path: Any) -> AsyncIterator[Services]:
-    settings = Settings(
-        database_url=store.url,
-        files_dir=str(tmp_path / "files"),
-        backends=[
-            BackendSettings(
-                name="fake",
-                type="openai",
-                base_url="http://fake.invalid/v1",
-                models=[MODEL],
-                max_concurrency=4,
-            )
-        ],
-        retry_base_seconds=0.0,
-        retry_cap_seconds=0.0,
-        poll_interval_seconds=0.01,
-        max_attempts=3,
-    )
-    engine = PoisonEngine("fake")
-    built = Services.from_settings(settings, backends={"fake": engine}, run_worker=True)
-    await built.start()
-    yield built
-    await built.close()
+    async with burst_services(store.url, tmp_path / "files", PoisonEngine("fake")) as built:
+        yield built
 
 
 def runner(services: Services) -> BatchRunner:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from backburner.config import BackendSettings, Settings
 from backburner.core.outcome import Outcome
 from backburner.core.states import Kind, State
 from backburner.errors import ServiceUnavailable
@@ -25,6 +24,7 @@ from backburner.schemas.generation import NewGeneration
 from backburner.services import Services
 from backburner.store import Store, codec
 from tests.support.poison_engine import POISON, PoisonEngine
+from tests.support.services import burst_services
 
 MODEL = "fake-model"
 TENANT = "default"
@@ -204,27 +204,8 @@ def engine() -> PoisonEngine:
 
 @pytest.fixture
 async def services(store: Store, engine: PoisonEngine, tmp_path: Any) -> AsyncIterator[Services]:
-    settings = Settings(
-        database_url=store.url,
-        files_dir=str(tmp_path / "files"),
-        backends=[
-            BackendSettings(
-                name="fake",
-                type="openai",
-                base_url="http://fake.invalid/v1",
-                models=[MODEL],
-                max_concurrency=4,
-            )
-        ],
-        retry_base_seconds=0.0,
-        retry_cap_seconds=0.0,
-        poll_interval_seconds=0.01,
-        max_attempts=3,
-    )
-    built = Services.from_settings(settings, backends={"fake": engine}, run_worker=True)
-    await built.start()
-    yield built
-    await built.close()
+    async with burst_services(store.url, tmp_path / "files", engine) as built:
+        yield built
 
 
 def chat(prompt: str) -> NewGeneration:

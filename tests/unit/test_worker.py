@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import pytest
 
-from backburner.config import BackendSettings, Settings
 from backburner.core.states import Kind, State
 from backburner.errors import BackendRejected, BackendRetryable, Preempted
 from backburner.schemas.batch import BatchCreate
@@ -22,6 +21,7 @@ from backburner.services import Services
 from backburner.webhooks.delivery import Deliverer, UrlGuard
 from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
 from tests.support.fake_backend import FakeBackend
+from tests.support.services import burst_services
 
 MODEL = "fake-model"
 TENANT = "default"
@@ -34,27 +34,8 @@ def engine() -> FakeBackend:
 
 @pytest.fixture
 async def services(sqlite_url: str, engine: FakeBackend, tmp_path: Any) -> AsyncIterator[Services]:
-    settings = Settings(
-        database_url=sqlite_url,
-        files_dir=str(tmp_path / "files"),
-        backends=[
-            BackendSettings(
-                name="fake",
-                type="openai",
-                base_url="http://fake.invalid/v1",
-                models=[MODEL],
-                max_concurrency=4,
-            )
-        ],
-        retry_base_seconds=0.0,
-        retry_cap_seconds=0.0,
-        poll_interval_seconds=0.01,
-        max_attempts=3,
-    )
-    built = Services.from_settings(settings, backends={"fake": engine}, run_worker=True)
-    await built.start()
-    yield built
-    await built.close()
+    async with burst_services(sqlite_url, tmp_path / "files", engine) as built:
+        yield built
 
 
 def chat(i: int) -> NewGeneration:
