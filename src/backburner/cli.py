@@ -225,14 +225,15 @@ def webhooks_create(
 ) -> None:
     """Register a webhook and print it with its signing secret (shown once)."""
     from backburner.schemas.webhook import WebhookCreate
+    from backburner.services import webhook_targets
     from backburner.webhooks.delivery import UrlGuard
     from backburner.webhooks.signing import new_secret
 
     settings = _settings(config)
     body = WebhookCreate.model_validate({"url": url, "name": name, "events": event})
-    asyncio.run(UrlGuard(deny_private=settings.deny_private_webhooks).check(body.url))
 
     async def go(store: Any) -> Any:
+        await UrlGuard(webhook_targets(settings, store)).check(body.url)
         return await store.webhooks.create(
             tenant, url=body.url, secret=new_secret(), name=body.name, events=body.events
         )

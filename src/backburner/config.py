@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     webhook_concurrency: int = Field(default=16, ge=1, le=1024)
     # None: deny private and link-local targets unless the server listens on loopback only
     webhook_deny_private: bool | None = None
+    # networks that may receive webhooks even when private targets are denied (CIDR, e.g.
+    # "10.20.0.0/16" for an internal receiver)
+    webhook_allow_private: list[str] = Field(default_factory=list)
 
     # files and batches
     # Uploaded files live here. With several API replicas on several machines this must be a
@@ -224,8 +227,24 @@ class Settings(BaseSettings):
         )
         return self
 
+    @field_validator("webhook_allow_private")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"webhook_allow_private: {item!r} is not a network: {exc}"
+                ) from exc
+        return value
+
     @property
     def deny_private_webhooks(self) -> bool:
+        """Whether private targets are refused regardless of keys (None: decided at run time:
+        refused unless the server runs open, on loopback with no API key ever created)."""
         if self.webhook_deny_private is not None:
             return self.webhook_deny_private
         return not self.loopback_only

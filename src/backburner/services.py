@@ -18,7 +18,10 @@ built at import time.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,7 @@ from backburner.scheduler import Worker, WorkerOptions
 from backburner.scheduler.batches import BatchRunner
 from backburner.store import Store
 from backburner.store.blobs import LocalBlobStore
-from backburner.webhooks.delivery import Deliverer, UrlGuard
+from backburner.webhooks.delivery import Deliverer, TargetPolicy, UrlGuard, guarded_transport
 from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
 
 log = logging.getLogger("backburner")
@@ -62,6 +65,28 @@ def dispatcher_options(settings: Settings) -> DispatcherOptions:
     )
 
 
+KEYS_RECHECK_SECONDS = 5.0
+
+
+def webhook_targets(settings: Settings, store: Store) -> TargetPolicy:
+    """Which addresses webhooks may reach. ``webhook_allow_private`` networks always; other
+    private addresses only while the server runs open: on loopback with no API key ever created
+    (a laptop with its receiver on localhost). Once a key exists they are refused, whatever the
+    listen address (a loopback server behind a proxy is not private)."""
+    allow = [ipaddress.ip_network(net, strict=False) for net in settings.webhook_allow_private]
+    if settings.webhook_deny_private is not None or not settings.loopback_only:
+        return TargetPolicy(settings.deny_private_webhooks, allow)
+    seen = {"at": -math.inf, "keys": False}
+
+    async def keys_in_use() -> bool:
+        now = time.monotonic()
+        if not seen["keys"] and now - float(seen["at"]) > KEYS_RECHECK_SECONDS:
+            seen["keys"], seen["at"] = await store.keys.any_created(), now
+        return bool(seen["keys"])
+
+    return TargetPolicy(keys_in_use, allow)
+
+
 def _report_crash(task: asyncio.Task[None]) -> None:
     """A background loop that dies takes its lane with it: say so loudly."""
     if not task.cancelled() and task.exception() is not None:
@@ -75,6 +100,7 @@ class Services:
     engines: Engines
     metrics: Metrics
     blobs: LocalBlobStore
+    webhook_targets: TargetPolicy
     worker: Worker | None = None
     batches: BatchRunner | None = None
     dispatcher: Dispatcher | None = None
@@ -98,7 +124,8 @@ class Services:
         metrics.registry.register(LaneCollector(catalog.lanes))
         store = Store(settings.database_url)
         blobs = LocalBlobStore(Path(settings.files_dir))
-        services = cls(settings, store, catalog, metrics, blobs)
+        targets = webhook_targets(settings, store)
+        services = cls(settings, store, catalog, metrics, blobs, targets)
         if settings.run_worker if run_worker is None else run_worker:
             services._build_background()
         return services
@@ -108,12 +135,12 @@ class Services:
         self._hook_client = httpx.AsyncClient(
             follow_redirects=False,
             timeout=s.webhook_timeout_seconds,
-            limits=httpx.Limits(max_connections=s.webhook_concurrency * 2),
+            transport=guarded_transport(
+                self.webhook_targets, max_connections=s.webhook_concurrency * 2
+            ),
         )
         deliverer = Deliverer(
-            self._hook_client,
-            UrlGuard(deny_private=s.deny_private_webhooks),
-            timeout=s.webhook_timeout_seconds,
+            self._hook_client, UrlGuard(self.webhook_targets), timeout=s.webhook_timeout_seconds
         )
         self.dispatcher = Dispatcher(
             self.store, deliverer, dispatcher_options(s), metrics=self.metrics

@@ -49,6 +49,7 @@ def create_app(
             metrics=services.metrics,
             blobs=services.blobs,
             wake=services,
+            webhook_targets=services.webhook_targets,
         )
         services.start_background()
         log.info("backburner %s ready: models %s", __version__, ", ".join(services.engines.models))

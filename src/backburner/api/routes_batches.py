@@ -45,7 +45,7 @@ async def _create(payload: Any, tenant_id: str, ctx: AppState) -> dict[str, Any]
             param="input_file_id",
         )
     if body.webhook_url:
-        await UrlGuard(deny_private=ctx.settings.deny_private_webhooks).check(body.webhook_url)
+        await UrlGuard(ctx.webhook_targets).check(body.webhook_url)
     batch = await ctx.store.batches.create(tenant_id, body)
     ctx.wake_batches()
     return batch.to_wire()

@@ -29,7 +29,7 @@ from backburner.webhooks.signing import new_secret
 
 
 def _guard(ctx: AppState) -> UrlGuard:
-    return UrlGuard(deny_private=ctx.settings.deny_private_webhooks)
+    return UrlGuard(ctx.webhook_targets)
 
 
 async def create(

@@ -13,6 +13,7 @@ from backburner.config import Settings
 from backburner.metrics import Metrics
 from backburner.store import Store
 from backburner.store.blobs import LocalBlobStore
+from backburner.webhooks.delivery import TargetPolicy
 
 
 class WakeUp(Protocol):
@@ -33,6 +34,7 @@ class AppState:
     metrics: Metrics
     blobs: LocalBlobStore
     wake: WakeUp
+    webhook_targets: TargetPolicy
     keys_exist: bool = False
     keys_checked_at: float = field(default=0.0)
     key_cache: dict[str, tuple[str | None, float]] = field(default_factory=dict)

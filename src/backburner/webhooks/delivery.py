@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import httpcore
 import httpx
 
 from backburner.config import WEBHOOK_RETRY_SCHEDULE
@@ -73,11 +74,99 @@ def is_public(addr: IPAddress) -> bool:
     )
 
 
-class UrlGuard:
-    """Refuses URLs a webhook must not be sent to; ``deny_private`` also refuses internal hosts."""
+DenyPrivate = Callable[[], Awaitable[bool]]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-    def __init__(self, deny_private: bool, resolver: Resolver | None = None) -> None:
-        self.deny_private = deny_private
+
+class TargetPolicy:
+    """Which addresses a webhook may reach. Public addresses always; addresses in ``allow``
+    (networks an operator lists for private receivers) always; any other address (loopback,
+    private, link-local, ...) only while ``deny_private()`` says no. The answer is asked each
+    time, so it can change when the server stops running open (an API key is created)."""
+
+    def __init__(self, deny_private: bool | DenyPrivate, allow: Sequence[IPNetwork] = ()) -> None:
+        self._deny = deny_private
+        self.allow = tuple(allow)
+
+    async def private_denied(self) -> bool:
+        return self._deny if isinstance(self._deny, bool) else await self._deny()
+
+    def listed(self, addr: IPAddress) -> bool:
+        return any(addr in net for net in self.allow)
+
+    async def allows(self, addr: IPAddress) -> bool:
+        return is_public(addr) or self.listed(addr) or not await self.private_denied()
+
+
+class PrivateAddressRefused(httpcore.ConnectError):
+    """The connection reached an address the policy refuses (a name that resolved, or was
+    rebound, to an internal address after the URL was checked)."""
+
+
+class _PeerCheckedBackend(httpcore.AsyncNetworkBackend):
+    """Connects as usual, then checks the address actually connected to before a byte is
+    sent: a DNS answer that changed since the URL was checked cannot reach inside."""
+
+    def __init__(self, policy: TargetPolicy, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._policy = policy
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore names it so)
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
+        peer = stream.get_extra_info("server_addr")
+        try:
+            addr = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        except (TypeError, ValueError, IndexError):
+            await stream.aclose()
+            raise PrivateAddressRefused(f"cannot tell which address {host} connected to") from None
+        if not await self._policy.allows(addr):
+            await stream.aclose()
+            raise PrivateAddressRefused(
+                f"{host} connected to {addr}, a private or internal address"
+            )
+        return stream
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore names it so)
+        socket_options: Any = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise PrivateAddressRefused("webhooks are never sent to a unix socket")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def guarded_transport(policy: TargetPolicy, *, max_connections: int) -> httpx.AsyncHTTPTransport:
+    """An httpx transport whose every connection is checked against ``policy`` once it is made
+    (the address connected to, not the one a separate lookup returned)."""
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections))
+    # httpx takes no network backend itself; its pool does. Same pool settings, checked backend.
+    transport._pool = httpcore.AsyncConnectionPool(
+        max_connections=max_connections,
+        network_backend=_PeerCheckedBackend(policy, httpcore.AnyIOBackend()),
+    )
+    return transport
+
+
+class UrlGuard:
+    """Refuses URLs a webhook must not be sent to: not http(s), no host, or (by ``policy``) a
+    host that resolves to an internal address. ``deny_private`` may be a plain bool."""
+
+    def __init__(self, deny_private: bool | TargetPolicy, resolver: Resolver | None = None) -> None:
+        self.policy = (
+            deny_private if isinstance(deny_private, TargetPolicy) else TargetPolicy(deny_private)
+        )
         self._resolve = resolver or resolve
 
     async def check(self, url: str) -> None:
@@ -91,11 +180,11 @@ class UrlGuard:
         host = parsed.host
         if not host:
             raise InvalidRequest("url must name a host", param="url")
-        if not self.deny_private:
+        if not await self.policy.private_denied():
             return
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         for addr in await self._addresses(host.rstrip("."), port):
-            if not is_public(addr):
+            if not await self.policy.allows(addr):
                 raise InvalidRequest(
                     f"url must not point to a private or internal address ({host} is {addr})",
                     param="url",
@@ -242,6 +331,8 @@ class Deliverer:
             # Readiness: any HTTP answer (even 404/405) lets the POST go ahead.
             await self._send("OPTIONS", url, {"User-Agent": USER_AGENT}, None)
         except (httpx.HTTPError, TimeoutError) as exc:
+            if isinstance(exc.__cause__, PrivateAddressRefused):  # final: a retry reaches it too
+                return failed(f"refused: {exc.__cause__}", False)
             return failed(f"OPTIONS readiness check failed: {_describe(exc, self.timeout)}", True)
         try:
             status, retry_after_header = await self._send("POST", url, headers, body)
