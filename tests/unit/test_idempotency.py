@@ -332,7 +332,12 @@ async def test_without_key_each_post_creates(h: AppHarness, route: Route) -> Non
 async def test_keys_are_scoped_per_tenant(
     harness_factory: HarnessFactory, tmp_path: Any, route: Route
 ) -> None:
-    h = await harness_factory(auth="required", run_worker=False, files_dir=str(tmp_path / "f"))
+    h = await harness_factory(
+        auth="required",
+        run_worker=False,
+        files_dir=str(tmp_path / "f"),
+        webhook_allow_private=["127.0.0.0/8"],  # keys exist: loopback receivers need listing
+    )
     _, key_a = await h.state.store.keys.create("tenant-a")
     _, key_b = await h.state.store.keys.create("tenant-b")
     idem = {"Idempotency-Key": "shared"}
