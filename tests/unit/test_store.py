@@ -389,3 +389,17 @@ async def test_dispatched_at_is_utc_on_a_non_utc_postgres_server(pg_database: st
             await conn.execute(sa.text(f'ALTER DATABASE "{name}" RESET timezone'))
             await conn.execute(generations.delete().where(generations.c.tenant == "tz"))
         await admin.close()
+
+
+async def test_a_tenant_with_nothing_queued_does_not_carry_its_clock(store: Store) -> None:
+    """Yesterday tenant a ran 30 requests (its virtual clock moved to 30). Today tenant b queues
+    20; tenant a's new request lands beside the head of b's queue, not after b's 20."""
+    for _ in range(30):
+        await submit(store, tenant="a")
+    done = await claim(store, limit=100)
+    await store.work.finish("w1", [ok(gid) for gid in done])
+    for _ in range(20):
+        await submit(store, tenant="b")
+    late = await submit(store, tenant="a")
+    first_round = await claim(store, limit=3)  # keys 1, 2 (b) and 2 (a)
+    assert late in first_round

@@ -1,10 +1,11 @@
 """The generations table as a fair queue: new rows, fair keys, and counts by state.
 
 Fair ordering: each generation gets a ``fair_key`` when it is enqueued. A tenant's requests get
-consecutive keys starting at ``max(tenant's virtual clock, smallest key still queued)``, and workers
-claim in ``fair_key`` order. A tenant who submits 50 (or a million) requests therefore cannot push
-another tenant's single request behind all of them: the newcomer's key lands just after the work
-that is running now, and the tenants' queues interleave round-robin from there.
+consecutive keys starting at ``max(tenant's virtual clock, smallest key still queued)`` (only the
+smallest key when the tenant has nothing queued), and workers claim in ``fair_key`` order. A
+tenant who submits 50 (or a million) requests therefore cannot push another tenant's single
+request behind all of them: the newcomer's key lands just after the work that is running now,
+and the tenants' queues interleave round-robin from there.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ TERMINAL_COLS = (G.c.id, G.c.group_id, G.c.webhook_id, G.c.batch_id, G.c.state)
 
 
 async def fair_keys(db: Database, conn: AsyncConnection, tenant: str, n: int) -> int:
-    """Reserve ``n`` consecutive fair keys for ``tenant``; returns the first."""
+    """Reserve ``n`` consecutive fair keys for ``tenant``; returns the first.
+
+    A tenant's keys continue from its virtual clock only while it still has work queued; a
+    tenant with nothing queued starts at the smallest key still queued (now, in virtual time).
+    So a tenant whose big batch finished yesterday does not wait behind another tenant's whole
+    batch today: its clock does not carry over once its queue is empty."""
     await db.insert_ignore(conn, tenants, {"tenant": tenant, "vclock": 0})
     vclock = (
         await conn.execute(
@@ -41,7 +47,12 @@ async def fair_keys(db: Database, conn: AsyncConnection, tenant: str, n: int) ->
             sa.select(sa.func.min(G.c.fair_key)).where(G.c.state == State.QUEUED.value)
         )
     ).scalar_one()
-    start = max(int(vclock), int(floor or 0))
+    queued = (
+        await conn.execute(
+            sa.select(G.c.id).where(G.c.tenant == tenant, G.c.state == State.QUEUED.value).limit(1)
+        )
+    ).first()
+    start = max(int(vclock), int(floor or 0)) if queued is not None else int(floor or 0)
     await conn.execute(tenants.update().where(tenants.c.tenant == tenant).values(vclock=start + n))
     return start + 1
 

@@ -105,6 +105,7 @@ generations = sa.Table(
     sa.Column("custom_id", sa.String(512), nullable=True),
     sa.Column("webhook_id", ID, nullable=True),
     sa.Index("ix_generations_state_fair_key", "state", "fair_key"),
+    sa.Index("ix_generations_tenant_state", "tenant", "state"),
     sa.Index("ix_generations_state_lease_expires_at", "state", "lease_expires_at"),
     sa.Index("ix_generations_state_expires_at", "state", "expires_at"),
     sa.Index("ix_generations_group_id_group_index", "group_id", "group_index"),
