@@ -12,12 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from backburner.core.states import Kind, State
 from backburner.errors import BackendRejected, BackendRetryable, Preempted
 from backburner.schemas.batch import BatchCreate
 from backburner.schemas.generation import NewGeneration
 from backburner.services import Services
+from backburner.store.tables import generations
 from backburner.webhooks.delivery import Deliverer, UrlGuard
 from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
 from tests.support.fake_backend import FakeBackend
@@ -120,8 +122,7 @@ async def test_group_completion_is_reported_once(services: Services) -> None:
     assert services.metrics.groups_completed._value.get() == 1
 
 
-async def test_batch_runner_validates_loads_and_finalizes(services: Services) -> None:
-    assert services.batches is not None
+async def queue_batch(services: Services, n: int) -> str:
     lines = "".join(
         json.dumps(
             {
@@ -132,7 +133,7 @@ async def test_batch_runner_validates_loads_and_finalizes(services: Services) ->
             }
         )
         + "\n"
-        for i in range(7)
+        for i in range(n)
     )
 
     async def chunks() -> AsyncIterator[bytes]:
@@ -145,7 +146,7 @@ async def test_batch_runner_validates_loads_and_finalizes(services: Services) ->
         filename="in.jsonl",
         purpose="batch",
         bytes=len(lines),
-        lines=7,
+        lines=n,
         sha256=None,
         blob="blob-in",
     )
@@ -155,8 +156,13 @@ async def test_batch_runner_validates_loads_and_finalizes(services: Services) ->
             input_file_id="file-in", endpoint="/v1/chat/completions", completion_window="24h"
         ),
     )
+    return batch.id
+
+
+async def test_batch_runner_validates_loads_and_finalizes(services: Services) -> None:
+    batch_id = await queue_batch(services, 7)
     await services.run_burst()
-    done = await services.store.batches.get(TENANT, batch.id)
+    done = await services.store.batches.get(TENANT, batch_id)
     assert done.status == "completed"
     assert done.total == 7 and done.completed == 7 and done.failed == 0
     assert done.output_file_id is not None
@@ -193,3 +199,31 @@ async def test_dispatcher_delivers_events_through_a_mock_transport(
     assert payload["generationId"] == gid
     assert payload["data"]["state"] == "Success"
     assert posts[0].headers["webhook-id"].startswith("msg_")
+
+
+async def test_retried_batch_lines_queue_behind_later_work(
+    services: Services, engine: FakeBackend
+) -> None:
+    """A retry gives the failed lines new fair keys: they take their turn among the work queued
+    now instead of jumping ahead of it with the keys they had at the first run."""
+    engine.enqueue(*(BackendRejected("upstream HTTP 400: bad") for _ in range(3)))
+    batch_id = await queue_batch(services, 5)
+    await services.run_burst()
+    assert (await services.store.batches.get(TENANT, batch_id)).failed == 3
+    for i in range(20):
+        await services.store.generations.submit("other", chat(i), expiry_seconds=3600)
+    await services.store.work.claim("w-x", [MODEL], 10, 60)  # the head of the queue moves on
+    await services.store.batches.retry(TENANT, batch_id)
+    async with services.store.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(generations.c.tenant, generations.c.fair_key).where(
+                    generations.c.state == "Queued"
+                )
+            )
+        ).all()
+    retried = sorted(key for tenant, key in rows if tenant == TENANT)
+    others = sorted(key for tenant, key in rows if tenant == "other")
+    assert len(retried) == 3 and len(others) == 10
+    assert retried[0] >= others[0]  # not ahead of what was already waiting
+    assert len(set(retried)) == 3  # distinct keys: input order kept

@@ -33,6 +33,7 @@ from backburner.schemas.batch import WINDOWS, BatchCreate, BatchRecord, BatchReq
 from backburner.schemas.files import FileRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of
+from backburner.store.queue import fair_keys
 from backburner.store.tables import batches, generations
 from backburner.store.terminal import Terminal
 
@@ -188,13 +189,25 @@ class Batches:
                     code="batch_not_retryable",
                 )
             expires = now + timedelta(seconds=WINDOWS[b.completion_window])
+            retried = (
+                G.c.batch_id == batch_id,
+                one_of(G.c.state, sources(State.QUEUED, among=[State.FAILED])),
+            )
+            low, high = (
+                await conn.execute(
+                    sa.select(sa.func.min(G.c.group_index), sa.func.max(G.c.group_index)).where(
+                        *retried
+                    )
+                )
+            ).one()
+            # new fair keys, in input order: retried lines queue behind what other tenants
+            # submitted since, not ahead of it with the keys they had at the first run
+            first = await fair_keys(self._db, conn, tenant, int(high or 0) - int(low or 0) + 1)
             res = await conn.execute(
                 G.update()
-                .where(
-                    G.c.batch_id == batch_id,
-                    one_of(G.c.state, sources(State.QUEUED, among=[State.FAILED])),
-                )
+                .where(*retried)
                 .values(
+                    fair_key=first + G.c.group_index - int(low or 0),
                     state=State.QUEUED.value,
                     state_message=StateMessage.QUEUED,
                     attempts=0,
