@@ -106,6 +106,7 @@ generations = sa.Table(
     sa.Column("webhook_id", ID, nullable=True),
     sa.Index("ix_generations_state_fair_key", "state", "fair_key"),
     sa.Index("ix_generations_tenant_state", "tenant", "state"),
+    sa.Index("ix_generations_state_model_fair_key", "state", "model", "fair_key"),
     sa.Index("ix_generations_state_lease_expires_at", "state", "lease_expires_at"),
     sa.Index("ix_generations_state_expires_at", "state", "expires_at"),
     sa.Index("ix_generations_group_id_group_index", "group_id", "group_index"),

@@ -1,4 +1,5 @@
-"""index generations by tenant and state (fair keys of a tenant with nothing queued)
+"""index generations by tenant and state (fair keys of a tenant with nothing queued) and by
+state, model and fair key (a claim reads only its own models' queued rows, in fair order)
 
 Revision ID: 0002
 Revises: 0001
@@ -18,8 +19,12 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("generations", schema=None) as batch_op:
         batch_op.create_index("ix_generations_tenant_state", ["tenant", "state"], unique=False)
+        batch_op.create_index(
+            "ix_generations_state_model_fair_key", ["state", "model", "fair_key"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("generations", schema=None) as batch_op:
+        batch_op.drop_index("ix_generations_state_model_fair_key")
         batch_op.drop_index("ix_generations_tenant_state")
