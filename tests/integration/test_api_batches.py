@@ -66,7 +66,7 @@ async def h(harness_factory: Any, tmp_path: Any) -> Any:
     return await harness_factory(
         backend=MarkerBackend("fake"),
         files_dir=str(tmp_path / "files"),
-        webhook_retry_base_seconds=0.05,
+        webhook_retry_schedule_seconds=[0.05, 0.1, 0.2],
         webhook_poll_interval_seconds=0.02,
     )
 

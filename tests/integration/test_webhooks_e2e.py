@@ -10,7 +10,7 @@ from standardwebhooks import Webhook
 from tests.conftest import FAKE_MODEL
 from tests.support.receiver import Received, running_receiver
 
-FAST = {"webhook_retry_base_seconds": 0.05, "webhook_poll_interval_seconds": 0.02}
+FAST = {"webhook_retry_schedule_seconds": [0.05, 0.1, 0.2], "webhook_poll_interval_seconds": 0.02}
 
 
 def chat(text: str, custom_id: str, **extra: Any) -> dict[str, Any]:
