@@ -155,6 +155,9 @@ class Settings(BaseSettings):
     webhook_retry_cap_seconds: float | None = Field(default=None, ge=0)
     webhook_timeout_seconds: float = Field(default=30.0, gt=0)
     webhook_poll_interval_seconds: float = Field(default=0.25, gt=0)
+    # a dispatcher that dies mid-attempt holds its event this long before another takes it;
+    # must exceed an attempt (OPTIONS and POST, each up to webhook_timeout_seconds)
+    webhook_lease_seconds: float = Field(default=120.0, gt=0)
     webhook_concurrency: int = Field(default=16, ge=1, le=1024)
     # None: deny private and link-local targets unless the server listens on loopback only
     webhook_deny_private: bool | None = None

@@ -62,6 +62,7 @@ def dispatcher_options(settings: Settings) -> DispatcherOptions:
         retry_jitter=settings.webhook_retry_jitter,
         poll_interval=settings.webhook_poll_interval_seconds,
         concurrency=settings.webhook_concurrency,
+        lease_seconds=settings.webhook_lease_seconds,
     )
 
 

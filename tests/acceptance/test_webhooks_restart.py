@@ -37,6 +37,9 @@ async def test_group_event_delivered_after_restart(tmp_path: Path) -> None:
         lease_seconds=2,
         maintenance_interval_seconds=0.5,
         webhook_retry_schedule_seconds=[0.2] * 30,  # compressed: retries every 0.2 s
+        # the kill may land mid-attempt: the restarted dispatcher takes the event over soon
+        webhook_lease_seconds=2,
+        webhook_timeout_seconds=0.5,
         webhook_poll_interval_seconds=0.05,
     )
     server = await asyncio.to_thread(procs.start_serve, config, tmp_path)
