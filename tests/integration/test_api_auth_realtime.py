@@ -315,3 +315,63 @@ async def test_models_lists_public_names(aliased: Any) -> None:
         "object": "list",
         "data": [{"id": PUBLIC, "object": "model", "created": 0, "owned_by": "backburner"}],
     }
+
+
+def _sse_chunks(r: httpx.Response) -> list[dict[str, Any]]:
+    events = [e for e in r.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: ") :]) for e in events[:-1]]
+
+
+async def test_streamed_realtime_honours_the_idempotency_key(
+    harness: Any, fake_backend: Any
+) -> None:
+    """A retried stream with the same key is answered from the first one (the engine runs
+    once); the same key with another body is 409."""
+    body = {**CHAT, "stream": True}
+    idem = {"Idempotency-Key": "stream-once"}
+    first = await harness.client.post("/v1/chat/completions", json=body, headers=idem)
+    assert first.status_code == 200
+    calls = len(fake_backend.calls)
+    again = await harness.client.post("/v1/chat/completions", json=body, headers=idem)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.headers["content-type"].startswith("text/event-stream")
+    assert len(fake_backend.calls) == calls  # replayed, not run again
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in _sse_chunks(again))
+    assert text == "Hello there!"
+    assert _sse_chunks(again)[0]["choices"][0]["finish_reason"] == "stop"
+    other = await harness.client.post(
+        "/v1/chat/completions", json={**body, "max_tokens": 3}, headers=idem
+    )
+    assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
+
+
+async def test_a_failed_stream_frees_its_idempotency_key(harness: Any, fake_backend: Any) -> None:
+    body = {**CHAT, "stream": True}
+    idem = {"Idempotency-Key": "stream-fails"}
+    original = fake_backend.stream
+
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise BackendRetryable("upstream HTTP 503: down", upstream_status=503)
+        yield {}  # pragma: no cover - makes this an async generator
+
+    fake_backend.stream = failing
+    r = await harness.client.post("/v1/chat/completions", json=body, headers=idem)
+    assert r.status_code == 502
+    fake_backend.stream = original
+    r = await harness.client.post("/v1/chat/completions", json=body, headers=idem)
+    assert r.status_code == 200 and "idempotent-replayed" not in r.headers
+
+
+async def test_concurrent_realtime_requests_with_one_key_run_once(
+    harness: Any, fake_backend: Any
+) -> None:
+    fake_backend.delay = 0.3
+    idem = {"Idempotency-Key": "rt-race"}
+    before = len(fake_backend.calls)
+    answers = await asyncio.gather(
+        *(harness.client.post("/v1/chat/completions", json=CHAT, headers=idem) for _ in range(4))
+    )
+    assert [a.status_code for a in answers] == [200] * 4
+    assert len({json.dumps(a.json(), sort_keys=True) for a in answers}) == 1
+    assert len(fake_backend.calls) == before + 1

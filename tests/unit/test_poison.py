@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import tracemalloc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -268,11 +268,11 @@ async def test_a_refused_write_is_split_until_the_refused_outcome_is_alone(
     finish = services.store.work.finish
     calls: list[int] = []
 
-    async def refusing(worker_id: str, outcomes: Sequence[Outcome]) -> list[str]:
+    async def refusing(leases: Mapping[str, str], outcomes: Sequence[Outcome]) -> list[str]:
         calls.append(len(outcomes))
         if any(o.generation_id == bad and o.state is State.SUCCESS for o in outcomes):
             raise ValueError("value refused by the database\n[parameters: the poison itself]")
-        return await finish(worker_id, outcomes)
+        return await finish(leases, outcomes)
 
     monkeypatch.setattr(services.store.work, "finish", refusing)
     await drain(services)
@@ -296,11 +296,11 @@ async def test_a_database_that_is_down_is_waited_for_and_nothing_is_lost(
     finish = services.store.work.finish
     down = [3]
 
-    async def flaky(worker_id: str, outcomes: Sequence[Outcome]) -> list[str]:
+    async def flaky(leases: Mapping[str, str], outcomes: Sequence[Outcome]) -> list[str]:
         if down[0] > 0:
             down[0] -= 1
             raise ServiceUnavailable("the database could not be reached: connection refused")
-        return await finish(worker_id, outcomes)
+        return await finish(leases, outcomes)
 
     monkeypatch.setattr(services.store.work, "finish", flaky)
     await drain(services)
@@ -321,10 +321,10 @@ async def test_an_outcome_that_cannot_be_written_at_all_is_let_go(
     bad = ids["ok-2"]
     finish = services.store.work.finish
 
-    async def refusing(worker_id: str, outcomes: Sequence[Outcome]) -> list[str]:
+    async def refusing(leases: Mapping[str, str], outcomes: Sequence[Outcome]) -> list[str]:
         if any(o.generation_id == bad for o in outcomes):
             raise ValueError("refused")
-        return await finish(worker_id, outcomes)
+        return await finish(leases, outcomes)
 
     monkeypatch.setattr(services.store.work, "finish", refusing)
     await drain(services)

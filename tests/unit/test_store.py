@@ -17,6 +17,7 @@ from backburner.errors import Conflict, NotFound
 from backburner.schemas.generation import GenerationRecord, NewGeneration
 from backburner.store import IdempotencyRace, Store
 from backburner.store.tables import generations
+from tests.support.leases import finish_as, held
 
 M = "m"
 HOUR = 3600.0
@@ -150,18 +151,18 @@ async def test_heartbeat_extends_only_own_leases(store: Store) -> None:
     (c2,) = await claim(store, "w2", limit=1, lease=5)
     assert {c1, c2} == {g1, g2}
     before = (await lease_of(store, c2))[1]
-    assert await store.work.heartbeat("w1", [c1, c2, "nope"], 600) == 1
+    assert await store.work.heartbeat(held("w1", [c1, c2, "nope"]), 600) == 1
     exp1 = (await lease_of(store, c1))[1]
     assert exp1 is not None and exp1 > utcnow() + timedelta(seconds=300)
     assert (await lease_of(store, c2))[1] == before
-    assert await store.work.heartbeat("w1", [], 600) == 0
+    assert await store.work.heartbeat(held("w1", []), 600) == 0
 
 
 async def test_release_requeues_without_counting_the_attempt(store: Store) -> None:
     gid = await submit(store)
     await claim(store, "w1")
-    assert await store.work.release("w2", [gid]) == 0
-    assert await store.work.release("w1", [gid]) == 1
+    assert await store.work.release(held("w2", [gid])) == 0
+    assert await store.work.release(held("w1", [gid])) == 1
     g = await store.generations.get("t1", gid)
     assert (g.state, g.state_message, g.attempts) == (State.QUEUED, "Queued", 0)
     assert await lease_of(store, gid) == (None, None)
@@ -178,7 +179,7 @@ async def test_recover_lost_requeues_expired_leases(store: Store) -> None:
     g = await store.generations.get("t1", lost)
     assert (g.state, g.attempts) == (State.QUEUED, 1)
     assert (await store.generations.get("t1", alive)).state is State.IN_PROGRESS
-    assert await store.work.finish("dead", [ok(lost)]) == []  # the lease is gone: nothing recorded
+    assert await finish_as(store, "dead", [ok(lost)]) == []  # the lease is gone: nothing recorded
     assert (await store.generations.get("t1", lost)).state is State.QUEUED
     (g2,) = await store.work.claim("w2", [M], 10, 60)
     assert (g2.id, g2.attempts) == (lost, 2)
@@ -187,7 +188,7 @@ async def test_recover_lost_requeues_expired_leases(store: Store) -> None:
 async def test_finish_success_and_failure(store: Store) -> None:
     s, f = await submit(store), await submit(store)
     await claim(store)
-    assert await store.work.finish("w1", [ok(s), Outcome(f, State.FAILED, "HTTP 400: bad")]) == []
+    assert await finish_as(store, "w1", [ok(s), Outcome(f, State.FAILED, "HTTP 400: bad")]) == []
     gs, gf = await store.generations.get("t1", s), await store.generations.get("t1", f)
     assert (gs.state, gs.state_message) == (State.SUCCESS, "Completed")
     assert gs.response == {"choices": []}
@@ -201,8 +202,8 @@ async def test_finish_retry_is_not_claimable_before_retry_at(store: Store) -> No
     gid = await submit(store)
     (first,) = await store.work.claim("w1", [M], 1, 60)
     retry_at = utcnow() + timedelta(seconds=0.3)
-    await store.work.finish(
-        "w1", [Outcome(gid, State.QUEUED, "HTTP 503, retrying", retry_at=retry_at)]
+    await finish_as(
+        store, "w1", [Outcome(gid, State.QUEUED, "HTTP 503, retrying", retry_at=retry_at)]
     )
     g = await store.generations.get("t1", gid)
     assert (g.state, g.state_message, g.finished_at) == (State.QUEUED, "HTTP 503, retrying", None)
@@ -216,11 +217,11 @@ async def test_finish_retry_is_not_claimable_before_retry_at(store: Store) -> No
 async def test_finish_by_a_worker_without_the_lease_changes_nothing(store: Store) -> None:
     gid = await submit(store)
     await claim(store, "w1")
-    assert await store.work.finish("w2", [ok(gid)]) == []
+    assert await finish_as(store, "w2", [ok(gid)]) == []
     g = await store.generations.get("t1", gid)
     assert g.state is State.IN_PROGRESS and g.response is None
-    await store.work.finish("w1", [Outcome(gid, State.FAILED, "boom")])
-    assert await store.work.finish("w1", [ok(gid)]) == []  # finished stays finished
+    await finish_as(store, "w1", [Outcome(gid, State.FAILED, "boom")])
+    assert await finish_as(store, "w1", [ok(gid)]) == []  # finished stays finished
     assert (await store.generations.get("t1", gid)).state is State.FAILED
 
 
@@ -240,7 +241,7 @@ async def test_expire_overdue(store: Store) -> None:
     gr, _ = await store.groups.get("t1", running)
     assert gr.status is GroupStatus.EXPIRED and gr.completed_at is None
     assert (gr.counts.failed, gr.counts.in_progress) == (1, 1)
-    assert await store.work.finish("w1", [ok(r1.id)]) == [running]
+    assert await finish_as(store, "w1", [ok(r1.id)]) == [running]
     assert (await store.groups.get("t1", running))[0].status is GroupStatus.EXPIRED
     assert await store.work.expire_overdue() == (0, [])
 
@@ -271,7 +272,7 @@ async def test_group_counts_and_submission_order(store: Store) -> None:
     assert [g.group_index for g in gens] == list(range(5))
     assert {g.group_id for g in gens} == {rec.id}
     ids = await claim(store, limit=3)
-    await store.work.finish("w1", [ok(ids[0]), Outcome(ids[1], State.FAILED, "x")])
+    await finish_as(store, "w1", [ok(ids[0]), Outcome(ids[1], State.FAILED, "x")])
     grp, none = await store.groups.get("t1", rec.id)
     assert none == []
     c = grp.counts
@@ -283,12 +284,12 @@ async def test_group_counts_and_submission_order(store: Store) -> None:
 async def test_group_completion_is_recorded_exactly_once(store: Store) -> None:
     gid = await group(store, 3)
     a, b, c = await claim(store)
-    assert await store.work.finish("w1", [ok(a)]) == []
-    assert await store.work.finish("w1", [Outcome(b, State.QUEUED, "retry")]) == []
-    assert await store.work.finish("w1", [Outcome(c, State.FAILED, "bad")]) == []
+    assert await finish_as(store, "w1", [ok(a)]) == []
+    assert await finish_as(store, "w1", [Outcome(b, State.QUEUED, "retry")]) == []
+    assert await finish_as(store, "w1", [Outcome(c, State.FAILED, "bad")]) == []
     assert await claim(store) == [b]
-    assert await store.work.finish("w1", [ok(b)]) == [gid]
-    assert await store.work.finish("w1", [ok(a), ok(b), ok(c)]) == []
+    assert await finish_as(store, "w1", [ok(b)]) == [gid]
+    assert await finish_as(store, "w1", [ok(a), ok(b), ok(c)]) == []
     grp, _ = await store.groups.get("t1", gid)
     assert grp.status is GroupStatus.COMPLETED and grp.completed_at is not None
     assert (grp.counts.success, grp.counts.failed) == (2, 1)
@@ -306,7 +307,7 @@ async def test_cancel_group(store: Store) -> None:
         await store.groups.cancel("t1", gid)
     with pytest.raises(NotFound):
         await store.groups.cancel("t2", gid)
-    assert await store.work.finish("w1", [ok(running)]) == [gid]
+    assert await finish_as(store, "w1", [ok(running)]) == [gid]
     grp, _ = await store.groups.get("t1", gid)
     assert grp.status is GroupStatus.CANCELLED and grp.completed_at is not None
 
@@ -397,9 +398,37 @@ async def test_a_tenant_with_nothing_queued_does_not_carry_its_clock(store: Stor
     for _ in range(30):
         await submit(store, tenant="a")
     done = await claim(store, limit=100)
-    await store.work.finish("w1", [ok(gid) for gid in done])
+    await finish_as(store, "w1", [ok(gid) for gid in done])
     for _ in range(20):
         await submit(store, tenant="b")
     late = await submit(store, tenant="a")
     first_round = await claim(store, limit=3)  # keys 1, 2 (b) and 2 (a)
     assert late in first_round
+
+
+async def test_leases_are_fenced_per_claim_not_per_worker(store: Store) -> None:
+    """The same worker claims a generation again after its first lease ran out: only the
+    second claim's token may extend, record or give back."""
+    gid = await submit(store)
+    (first,) = await store.work.claim("w1#a", [M], 1, 0.01)
+    await asyncio.sleep(0.05)
+    assert await store.work.recover_lost() == 1
+    (again,) = await store.work.claim("w1#b", [M], 1, 60)
+    assert first.id == again.id == gid and again.attempts == 2
+    assert await store.work.heartbeat(held("w1#a", [gid]), 60) == 0
+    assert await store.work.release(held("w1#a", [gid])) == 0
+    assert await finish_as(store, "w1#a", [ok(gid)]) == []
+    assert (await store.generations.get("t1", gid)).state is State.IN_PROGRESS
+    assert await store.work.heartbeat(held("w1#b", [gid]), 60) == 1
+    await finish_as(store, "w1#b", [Outcome(gid, State.FAILED, "second run")])
+    g = await store.generations.get("t1", gid)
+    assert (g.state, g.state_message) == (State.FAILED, "second run")
+
+
+async def test_lease_times_come_from_the_database_clock(store: Store) -> None:
+    gid = await submit(store)
+    before = utcnow()
+    await claim(store, "w1", limit=1, lease=30)
+    _, expires = await lease_of(store, gid)
+    assert expires is not None
+    assert before + timedelta(seconds=29) <= expires <= utcnow() + timedelta(seconds=31)

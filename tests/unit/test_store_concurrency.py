@@ -12,6 +12,7 @@ from backburner.core.outcome import Outcome
 from backburner.core.states import GroupStatus, Kind, State
 from backburner.schemas.generation import NewGeneration
 from backburner.store import Store
+from tests.support.leases import finish_as
 
 M = "m"
 HOUR = 3600.0
@@ -90,7 +91,7 @@ async def test_group_completion_is_recorded_once_under_concurrency(
                 Outcome(gid, State.SUCCESS if n % 4 else State.FAILED, "done", {"n": n})
                 for n, gid in enumerate(ids[k : k + 3])
             ]
-            completed.extend(await s.work.finish(name, outcomes))
+            completed.extend(await finish_as(s, name, outcomes))
             await asyncio.sleep(0)
         return completed
 

@@ -14,6 +14,7 @@ from backburner.schemas.batch import BatchCreate, BatchLine, BatchRecord
 from backburner.schemas.generation import NewGeneration
 from backburner.store import Store
 from backburner.store.tables import generations, webhook_events
+from tests.support.leases import finish_as, held
 
 M = "m"
 HOUR = 3600.0
@@ -42,14 +43,14 @@ async def state_of(store: Store, gid: str) -> tuple[str, str, int]:
 async def test_finishing_a_generation_twice_changes_nothing(store: Store) -> None:
     gid = (await store.generations.submit("t1", new(), expiry_seconds=HOUR)).id
     await store.work.claim("w1", [M], 1, 60)
-    assert await store.work.finish("w1", [ok(gid)]) == []
+    assert await finish_as(store, "w1", [ok(gid)]) == []
     before = await store.generations.get("t1", gid)
     for outcome in (
         Outcome(gid, State.FAILED, "late failure"),
         Outcome(gid, State.QUEUED, "late retry"),
         ok(gid),
     ):
-        await store.work.finish("w1", [outcome])
+        await finish_as(store, "w1", [outcome])
         assert await store.generations.get("t1", gid) == before
     assert before.state is State.SUCCESS
 
@@ -58,16 +59,16 @@ async def test_finish_refuses_an_outcome_the_table_does_not_allow(store: Store) 
     gid = (await store.generations.submit("t1", new(), expiry_seconds=HOUR)).id
     await store.work.claim("w1", [M], 1, 60)
     # In Progress -> In Progress is no transition: nothing is written, the lease stays
-    await store.work.finish("w1", [Outcome(gid, State.IN_PROGRESS, "what?")])
+    await finish_as(store, "w1", [Outcome(gid, State.IN_PROGRESS, "what?")])
     assert await state_of(store, gid) == ("In Progress", "Running", 1)
-    assert await store.work.heartbeat("w1", [gid], 60) == 1
+    assert await store.work.heartbeat(held("w1", [gid]), 60) == 1
 
 
 async def test_released_or_expired_work_only_leaves_the_states_it_may(store: Store) -> None:
     gid = (await store.generations.submit("t1", new(), expiry_seconds=HOUR)).id
     # release and heartbeat touch In Progress work only; this one is Queued
-    assert await store.work.release("w1", [gid]) == 0
-    assert await store.work.heartbeat("w1", [gid], 60) == 0
+    assert await store.work.release(held("w1", [gid])) == 0
+    assert await store.work.heartbeat(held("w1", [gid]), 60) == 0
     await store.generations.cancel("t1", gid)
     assert await state_of(store, gid) == ("Failed", "Cancelled", 0)
     with pytest.raises(Conflict):
@@ -78,7 +79,7 @@ async def test_released_or_expired_work_only_leaves_the_states_it_may(store: Sto
 async def test_a_finished_group_cannot_be_cancelled(store: Store) -> None:
     group = await store.groups.submit("t1", Kind.CHAT, [new()], expiry_seconds=HOUR)
     (g,) = await store.work.claim("w1", [M], 1, 60)
-    assert await store.work.finish("w1", [ok(g.id)]) == [group.id]
+    assert await finish_as(store, "w1", [ok(g.id)]) == [group.id]
     with pytest.raises(Conflict) as err:
         await store.groups.cancel("t1", group.id)
     assert err.value.code == "group_not_cancellable"
@@ -100,7 +101,7 @@ async def _completed_batch(store: Store) -> BatchRecord:
     assert await store.batch_runs.load_chunk("r1", b, 0, [line], Kind.CHAT)
     await store.batch_runs.release("r1", b.id)
     (g,) = await store.work.claim("w1", [M], 1, 60)
-    await store.work.finish("w1", [ok(g.id)])
+    await finish_as(store, "w1", [ok(g.id)])
     b = await store.batches.get("t1", b.id)
     assert b.status == BatchStatus.FINALIZING
     claimed = await store.batch_runs.claim("r1", 60)

@@ -6,8 +6,9 @@ is there, then return) and reads the store. No polling of HTTP endpoints, no sle
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -15,14 +16,14 @@ import pytest
 import sqlalchemy as sa
 
 from backburner.core.states import Kind, State
-from backburner.errors import BackendRejected, BackendRetryable, Preempted
+from backburner.errors import BackendRejected, BackendRetryable, Preempted, ServiceUnavailable
 from backburner.schemas.batch import BatchCreate
 from backburner.schemas.generation import NewGeneration
 from backburner.services import Services
 from backburner.store.tables import generations
 from backburner.webhooks.delivery import Deliverer, UrlGuard
 from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
-from tests.support.fake_backend import FakeBackend
+from tests.support.fake_backend import FakeBackend, echo_response
 from tests.support.services import burst_services
 
 MODEL = "fake-model"
@@ -227,3 +228,59 @@ async def test_retried_batch_lines_queue_behind_later_work(
     assert len(retried) == 3 and len(others) == 10
     assert retried[0] >= others[0]  # not ahead of what was already waiting
     assert len(set(retried)) == 3  # distinct keys: input order kept
+
+
+class _SlowFirstRun(FakeBackend):
+    """The first run hangs (its worker is cut off from the database meanwhile); later runs
+    answer at once."""
+
+    def __init__(self) -> None:
+        super().__init__("fake")
+        self.runs = 0
+        self.first_finished = False
+
+    async def run(self, kind: Kind, body: dict[str, Any], *, background: bool = False) -> Any:
+        self.runs += 1
+        if self.runs == 1:
+            await asyncio.sleep(3.0)
+            self.first_finished = True
+            return {**echo_response(kind, body), "id": "first-run"}
+        return {**echo_response(kind, body), "id": "second-run"}
+
+
+async def test_a_run_whose_lease_was_lost_records_nothing_even_on_the_same_worker(
+    sqlite_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leases are fenced per claim, not per worker: the heartbeat cannot reach the database,
+    the lease runs out, maintenance puts the generation back, and this very worker claims it
+    again. The first run is stopped and could record nothing; the second run's answer is the
+    one kept, once."""
+    engine = _SlowFirstRun()
+    async with burst_services(sqlite_url, tmp_path / "files", engine) as services:
+        assert services.worker is not None
+        services.worker.opts.lease_seconds = 0.3
+
+        async def unreachable(leases: Mapping[str, str], lease_seconds: float) -> int:
+            raise ServiceUnavailable("the database could not be reached")
+
+        monkeypatch.setattr(services.store.work, "heartbeat", unreachable)
+        (gid,) = await submit(services, 1)
+
+        async def recover_when_lost() -> None:
+            while not await services.store.work.recover_lost():
+                await asyncio.sleep(0.1)
+
+        recovering = asyncio.create_task(recover_when_lost())
+        await asyncio.wait_for(drain(services), 10)
+        await recovering
+        g = await services.store.generations.get(TENANT, gid)
+        assert g.state is State.SUCCESS and g.attempts == 2
+        assert g.response is not None and g.response["id"] == "second-run"
+        assert engine.runs == 2 and not engine.first_finished
+        async with services.store.engine.connect() as conn:
+            lease = (
+                await conn.execute(
+                    sa.select(generations.c.lease_owner).where(generations.c.id == gid)
+                )
+            ).scalar_one()
+        assert lease is None

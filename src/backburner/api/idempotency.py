@@ -103,6 +103,30 @@ async def once(
     return JSONResponse(answer)
 
 
+async def hold(
+    ctx: AppState, tenant: str, request: Request, raw: bytes
+) -> tuple[IdemKey | None, JSONResponse | None]:
+    """For a handler that answers as it goes (a stream): reserve the key, or get the answer
+    saved for it (or 409 while the request holding it still runs). The caller then
+    :func:`keep` s the answer it gave, or :func:`drop` s the key when it could not."""
+    key, replayed = await begin(ctx, tenant, request, raw)
+    if key is None or replayed is not None:
+        return key, replayed
+    if await ctx.store.idempotency.reserve(
+        tenant, key.key, key.request_hash, ctx.settings.idempotency_ttl_seconds
+    ):
+        return key, None
+    return key, await replay(ctx, tenant, key)
+
+
+async def keep(ctx: AppState, tenant: str, key: IdemKey, answer: dict[str, Any]) -> None:
+    await ctx.store.idempotency.complete(tenant, key.with_answer(answer))
+
+
+async def drop(ctx: AppState, tenant: str, key: IdemKey) -> None:
+    await ctx.store.idempotency.release(tenant, key.key)
+
+
 async def begin(
     ctx: AppState, tenant: str, request: Request, raw: bytes
 ) -> tuple[IdemKey | None, JSONResponse | None]:

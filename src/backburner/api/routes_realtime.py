@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from backburner.api import idempotency
@@ -28,7 +28,7 @@ from backburner.schemas.openai import (
     EmbeddingList,
     ModelList,
 )
-from backburner.schemas.stream import fold_chunks
+from backburner.schemas.stream import fold_chunks, unfold
 from backburner.schemas.validation import validate_request
 
 
@@ -36,44 +36,84 @@ def _sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _sse_response(events: AsyncIterator[bytes], **headers: str) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", **headers},
+    )
+
+
+def _replay_stream(kind: Kind, replayed: Response) -> Response:
+    """The answer saved for a streamed request's Idempotency-Key, streamed again (an error
+    answer, such as 409, as it is)."""
+    if replayed.status_code != 200:
+        return replayed
+    answer = json.loads(bytes(replayed.body))
+
+    async def events() -> AsyncIterator[bytes]:
+        for chunk in unfold(answer, chat=kind is Kind.CHAT):
+            yield _sse(chunk)
+        yield b"data: [DONE]\n\n"
+
+    return _sse_response(events(), **{"Idempotent-Replayed": "true"})
+
+
 async def _stream(
-    ctx: AppState, tenant_id: str, kind: Kind, body: dict[str, Any]
+    ctx: AppState,
+    tenant_id: str,
+    kind: Kind,
+    body: dict[str, Any],
+    key: idempotency.IdemKey | None,
 ) -> StreamingResponse:
+    """Stream the engine's chunks as they come. The folded answer is kept when it is to be
+    announced (``metadata.webhook_id``) or replayed (an Idempotency-Key, released again when
+    the stream fails or the client leaves before its end)."""
     started = utcnow()
-    keep = metadata_webhook_id(body) is not None  # then the folded answer is kept and announced
+    notify = metadata_webhook_id(body) is not None
+    keep = notify or key is not None
     chunks = ctx.engines.stream_realtime(kind, body)
     try:
         first = await anext(chunks)  # errors before the first chunk get a proper status
     except StopAsyncIteration:
         first = None
-    except BackendError as exc:
-        if keep:
+    except BaseException as exc:
+        if key is not None:
+            await idempotency.drop(ctx, tenant_id, key)
+        if notify and isinstance(exc, BackendError):
             await _record(ctx, tenant_id, kind, body, started, None, exc.message)
         raise
 
     async def events() -> AsyncIterator[bytes]:
         seen: list[dict[str, Any]] = [first] if first is not None else []
         error: str | None = None
+        ended = False
         try:
-            if first is not None:
-                yield _sse(first)
-            async for chunk in chunks:
-                if keep:
-                    seen.append(chunk)
-                yield _sse(chunk)
-        except BackendError as exc:
-            error = exc.message
-            yield _sse({"error": {"message": exc.message, "type": exc.error_type}})
+            try:
+                if first is not None:
+                    yield _sse(first)
+                async for chunk in chunks:
+                    if keep:
+                        seen.append(chunk)
+                    yield _sse(chunk)
+            except BackendError as exc:
+                error = exc.message
+                yield _sse({"error": {"message": exc.message, "type": exc.error_type}})
+            finally:
+                await chunks.aclose()
+            yield b"data: [DONE]\n\n"
+            ended = True
         finally:
-            await chunks.aclose()
-        yield b"data: [DONE]\n\n"
-        if keep:
-            folded = None if error else fold_chunks(seen, chat=kind is Kind.CHAT)
-            await _record(ctx, tenant_id, kind, body, started, folded, error)
+            folded = None if error or not ended else fold_chunks(seen, chat=kind is Kind.CHAT)
+            if key is not None:
+                if folded is None:
+                    await idempotency.drop(ctx, tenant_id, key)
+                else:
+                    await idempotency.keep(ctx, tenant_id, key, folded)
+            if notify and ended:
+                await _record(ctx, tenant_id, kind, body, started, folded, error)
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return _sse_response(events())
 
 
 async def _record(
@@ -125,16 +165,16 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, ctx: AppState) 
     status = "ok"
     try:
         if body.get("stream") is True:
-            return await _stream(ctx, tenant_id, kind, body)
-        key, replayed = await idempotency.begin(ctx, tenant_id, request, raw)
-        if replayed is not None:
-            return replayed
-        resp = await _run_and_notify(ctx, tenant_id, kind, body)
-        if key is not None:
-            await ctx.store.idempotency.save(
-                tenant_id, key.with_answer(resp), ctx.settings.idempotency_ttl_seconds
-            )
-        return JSONResponse(resp)
+            key, replayed = await idempotency.hold(ctx, tenant_id, request, raw)
+            if replayed is not None:
+                return _replay_stream(kind, replayed)
+            return await _stream(ctx, tenant_id, kind, body, key)
+
+        async def run() -> dict[str, Any]:
+            return await _run_and_notify(ctx, tenant_id, kind, body)
+
+        answer: Response = await idempotency.once(ctx, tenant_id, request, raw, run)
+        return answer
     except BackendError:
         status = "error"
         raise

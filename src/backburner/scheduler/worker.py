@@ -21,7 +21,7 @@ from datetime import timedelta
 
 from backburner.backends.engines import Engines
 from backburner.core.clock import utcnow
-from backburner.core.ids import lease_owner_id
+from backburner.core.ids import lease_owner_id, new_id
 from backburner.core.outcome import Outcome
 from backburner.core.retry import Backoff, should_retry
 from backburner.core.states import State, StateMessage
@@ -76,8 +76,10 @@ class Worker:
         self.on_groups_completed = on_groups_completed
         self.after_write = after_write  # e.generation. wake the webhook dispatcher
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._held: set[str] = set()  # claimed and not yet written
-        self._results: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=4096)
+        # claimed and not yet written: generation id -> the lease token of its claim
+        self._held: dict[str, str] = {}
+        # outcomes to write, each with the lease token of the run that produced it
+        self._results: asyncio.Queue[tuple[str, Outcome]] = asyncio.Queue(maxsize=4096)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._beat_stop = asyncio.Event()  # set once in-flight work is drained
@@ -133,7 +135,7 @@ class Worker:
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
             if self._held:
-                released = await self.store.work.release(self.id, sorted(self._held))
+                released = await self.store.work.release(dict(self._held))
                 log.info("worker %s released %d unfinished generations", self.id, released)
                 self._held.clear()
 
@@ -159,8 +161,9 @@ class Worker:
                 await lane.wait_background_capacity(self.opts.poll_interval)
                 continue
             n = lane.take_background(self.opts.claim_size)
+            lease = self.lease_token()
             try:
-                claimed = await self.store.work.claim(self.id, models, n, self.opts.lease_seconds)
+                claimed = await self.store.work.claim(lease, models, n, self.opts.lease_seconds)
             except Exception:
                 lane.release_background(n)
                 log.exception("claim failed; retrying")
@@ -169,9 +172,17 @@ class Worker:
             if len(claimed) < n:
                 lane.release_background(n - len(claimed))
             for generation in claimed:
-                self._held.add(generation.id)
+                stale = self._inflight.get(generation.id)
+                if stale is not None:
+                    # its lease ran out while it ran (the database was unreachable, say) and
+                    # this worker claimed it again: the old run could record nothing anyway
+                    log.warning(
+                        "generation %s claimed again; its stale run is stopped", generation.id
+                    )
+                    stale.cancel()
+                self._held[generation.id] = lease
                 task = asyncio.create_task(
-                    self._execute(name, generation), name=f"bb-gen-{generation.id}"
+                    self._execute(name, generation, lease), name=f"bb-gen-{generation.id}"
                 )
                 self._inflight[generation.id] = task
             if claimed:
@@ -195,8 +206,13 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.opts.poll_interval)
 
-    async def _execute(self, backend: str, generation: GenerationRecord) -> None:
+    def lease_token(self) -> str:
+        """A new lease token for one claim: a random part first (unique), then who holds it."""
+        return f"{new_id()[:8]}~{self.id}"[:64]
+
+    async def _execute(self, backend: str, generation: GenerationRecord, lease: str) -> None:
         lane = self.engines.lanes[backend]
+        me = asyncio.current_task()
         start = time.perf_counter()
         self.metrics.inflight.inc()
         try:
@@ -207,8 +223,9 @@ class Worker:
             self.metrics.backend_seconds.labels(backend, "slow").observe(
                 time.perf_counter() - start
             )
-            self._inflight.pop(generation.id, None)
-        await self._results.put(outcome)
+            if self._inflight.get(generation.id) is me:
+                del self._inflight[generation.id]
+        await self._results.put((lease, outcome))
 
     async def _attempt(self, generation: GenerationRecord) -> Outcome:
         try:
@@ -243,16 +260,18 @@ class Worker:
     # ------------------------------------------------------------------ writer
     async def _writer(self) -> None:
         while True:
-            first = await self._results.get()
-            outcomes = [first]
-            while len(outcomes) < self.opts.write_size and not self._results.empty():
-                outcomes.append(self._results.get_nowait())
+            taken = [await self._results.get()]
+            while len(taken) < self.opts.write_size and not self._results.empty():
+                taken.append(self._results.get_nowait())
+            # an outcome of a run whose generation was claimed again since is fenced out
+            outcomes = [o for lease, o in taken if self._held.get(o.generation_id) == lease]
             try:
-                await self._write(outcomes)
+                if outcomes:
+                    await self._write(outcomes)
             except Exception:  # one group must never stop the writer: the rest are written
                 log.exception("the writer failed on %d outcomes", len(outcomes))
             finally:
-                for _ in outcomes:
+                for _ in taken:
                     self._results.task_done()
 
     async def _write(self, outcomes: list[Outcome]) -> None:
@@ -263,9 +282,11 @@ class Worker:
         not be stored"), without what it held; the others as they are. Only a database that
         cannot be reached keeps the writer on the same write (waiting, losing nothing).
         """
-        written, completed = await self._record(outcomes, retry=True)
+        leases = {o.generation_id: self._held[o.generation_id] for o in outcomes}
+        written, completed = await self._record(leases, outcomes, retry=True)
         for outcome in outcomes:  # written, or let go for maintenance to take back
-            self._held.discard(outcome.generation_id)
+            if self._held.get(outcome.generation_id) == leases[outcome.generation_id]:
+                del self._held[outcome.generation_id]
         for outcome in written:
             if outcome.state.terminal:
                 self.metrics.finished.labels(outcome.state.value).inc()
@@ -279,27 +300,27 @@ class Worker:
                 await self.on_groups_completed(completed)
 
     async def _record(
-        self, outcomes: list[Outcome], *, retry: bool
+        self, leases: dict[str, str], outcomes: list[Outcome], *, retry: bool
     ) -> tuple[list[Outcome], list[str]]:
         """The outcomes written (a refused one replaced by its Failed outcome; one that could
         not be written at all left out) and the groups that completed."""
         try:
-            return outcomes, await self._finish(outcomes, retry=retry)
+            return outcomes, await self._finish(leases, outcomes, retry=retry)
         except Exception as exc:
             if len(outcomes) == 1:
-                return await self._record_refused(outcomes[0], exc)
+                return await self._record_refused(leases, outcomes[0], exc)
             log.warning(
                 "recording %d outcomes failed (%s); recording them in halves",
                 len(outcomes),
                 _said(exc),
             )
             half = len(outcomes) // 2
-            first, first_groups = await self._record(outcomes[:half], retry=False)
-            second, second_groups = await self._record(outcomes[half:], retry=False)
+            first, first_groups = await self._record(leases, outcomes[:half], retry=False)
+            second, second_groups = await self._record(leases, outcomes[half:], retry=False)
             return first + second, first_groups + second_groups
 
     async def _record_refused(
-        self, outcome: Outcome, exc: Exception
+        self, leases: dict[str, str], outcome: Outcome, exc: Exception
     ) -> tuple[list[Outcome], list[str]]:
         failed = Outcome(
             outcome.generation_id,
@@ -313,7 +334,7 @@ class Worker:
             _said(exc),
         )
         try:
-            return [failed], await self._finish([failed], retry=True)
+            return [failed], await self._finish(leases, [failed], retry=True)
         except Exception:
             log.exception(
                 "generation %s: not even its failure could be recorded; it is let go, and"
@@ -322,14 +343,16 @@ class Worker:
             )
             return [], []
 
-    async def _finish(self, outcomes: list[Outcome], *, retry: bool) -> list[str]:
+    async def _finish(
+        self, leases: dict[str, str], outcomes: list[Outcome], *, retry: bool
+    ) -> list[str]:
         """``store.work.finish``, waited out while the database cannot be reached; with
         ``retry`` another failure is tried once more before it is raised."""
         delay = 0.1
         again = retry
         while True:
             try:
-                return await self.store.work.finish(self.id, outcomes)
+                return await self.store.work.finish(leases, outcomes)
             except ServiceUnavailable as exc:
                 log.warning("recording %d outcomes: %s; waiting", len(outcomes), exc.message)
             except Unstorable:
@@ -350,9 +373,7 @@ class Worker:
                 await asyncio.wait_for(self._beat_stop.wait(), interval)
             if self._held and not self._beat_stop.is_set():
                 try:
-                    await self.store.work.heartbeat(
-                        self.id, sorted(self._held), self.opts.lease_seconds
-                    )
+                    await self.store.work.heartbeat(dict(self._held), self.opts.lease_seconds)
                 except Exception:
                     log.exception("heartbeat failed")
 

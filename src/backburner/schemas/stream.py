@@ -53,3 +53,40 @@ def fold_chunks(chunks: list[dict[str, Any]], *, chat: bool) -> dict[str, Any]:
     if usage is not None:
         out["usage"] = usage
     return out
+
+
+def unfold(response: dict[str, Any], *, chat: bool) -> list[dict[str, Any]]:
+    """Chunks that fold back into ``response`` (what :func:`fold_chunks` made): one chunk with
+    every choice whole, then one with the usage, if any. A stream replayed for an
+    Idempotency-Key is sent as these."""
+    head = {
+        "id": response.get("id"),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": response.get("created"),
+        "model": response.get("model"),
+    }
+    choices = []
+    for choice in response.get("choices") or []:
+        if chat:
+            message = choice.get("message") or {}
+            delta = {"role": message.get("role", "assistant"), "content": message.get("content")}
+            choices.append(
+                {
+                    "index": choice.get("index", 0),
+                    "delta": delta,
+                    "finish_reason": choice.get("finish_reason"),
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": choice.get("index", 0),
+                    "text": choice.get("text", ""),
+                    "finish_reason": choice.get("finish_reason"),
+                    "logprobs": None,
+                }
+            )
+    chunks = [{**head, "choices": choices}]
+    if response.get("usage") is not None:
+        chunks.append({**head, "choices": [], "usage": response["usage"]})
+    return chunks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -11,7 +12,9 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from backburner.core.clock import utcnow
 from backburner.store.engine import is_sqlite, make_engines
+from backburner.store.tables import UTCDateTime
 
 
 class Database:
@@ -34,6 +37,17 @@ class Database:
     async def ping(self) -> None:
         async with self.reader.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
+
+    def clock(self, ahead: float = 0.0) -> sa.ColumnElement[datetime]:
+        """The database's time (plus ``ahead`` seconds) as a SQL expression, for lease times:
+        every worker on every machine then reads one clock. PostgreSQL's is its transaction
+        time; SQLite's is this host's, the only one that can open the file."""
+        if self.sqlite:
+            return sa.bindparam(None, utcnow() + timedelta(seconds=ahead), type_=UTCDateTime())
+        now: sa.ColumnElement[datetime] = sa.func.now()
+        if ahead:
+            now = now + sa.bindparam(None, timedelta(seconds=ahead), type_=sa.Interval())
+        return sa.func.timezone("UTC", now, type_=UTCDateTime())
 
     async def insert_ignore(
         self, conn: AsyncConnection, table: sa.Table, values: dict[str, object]

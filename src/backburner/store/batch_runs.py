@@ -4,7 +4,6 @@ after validation, loading lines in resumable chunks, and finalizing it."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -47,7 +46,6 @@ class BatchRuns:
         """A batch that needs a worker: to validate and load, or to finalize. One whose lease
         has not run out is skipped: held by a worker, or put back with a later next try
         (:meth:`release` with ``retry_in``), so a batch that fails is not claimed first again."""
-        now = utcnow()
         pick = (
             sa.select(B.c.id)
             .where(
@@ -60,7 +58,7 @@ class BatchRuns:
                         B.c.loaded >= B.c.total,
                     ),
                 ),
-                sa.or_(B.c.lease_expires_at.is_(None), B.c.lease_expires_at < now),
+                sa.or_(B.c.lease_expires_at.is_(None), B.c.lease_expires_at < self._db.clock()),
             )
             .order_by(B.c.created_at)
             .limit(1)
@@ -73,7 +71,7 @@ class BatchRuns:
                     .where(B.c.id == pick.scalar_subquery())
                     .values(
                         lease_owner=worker_id,
-                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                        lease_expires_at=self._db.clock(lease_seconds),
                     )
                     .returning(B)
                 )
@@ -85,7 +83,7 @@ class BatchRuns:
             res = await conn.execute(
                 B.update()
                 .where(B.c.id == batch_id, B.c.lease_owner == worker_id)
-                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+                .values(lease_expires_at=self._db.clock(lease_seconds))
             )
         return bool(res.rowcount)
 
@@ -95,7 +93,7 @@ class BatchRuns:
         """Give the batch back; with ``retry_in`` (seconds) no worker claims it before then."""
         values: dict[str, Any] = dict(CLEARED)
         if retry_in is not None:
-            values["lease_expires_at"] = utcnow() + timedelta(seconds=max(0.0, retry_in))
+            values["lease_expires_at"] = self._db.clock(max(0.0, retry_in))
         async with self._db.writer.begin() as conn:
             await conn.execute(
                 B.update().where(B.c.id == batch_id, B.c.lease_owner == worker_id).values(**values)
@@ -223,9 +221,7 @@ class BatchRuns:
             await conn.execute(
                 B.update()
                 .where(B.c.id == batch.id)
-                .values(
-                    loaded=first_index + len(lines), lease_expires_at=now + timedelta(seconds=120)
-                )
+                .values(loaded=first_index + len(lines), lease_expires_at=self._db.clock(120))
             )
             await conn.execute(G.insert(), rows)
             if cancelled:

@@ -9,7 +9,7 @@ never claimed: they stay pending until it is enabled again (``Webhooks.update`` 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -168,7 +168,7 @@ class Outbox:
             .where(
                 W.c.state == EventState.PENDING.value,
                 W.c.next_attempt_at <= now,
-                sa.or_(W.c.lease_expires_at.is_(None), W.c.lease_expires_at < now),
+                sa.or_(W.c.lease_expires_at.is_(None), W.c.lease_expires_at < self._db.clock()),
                 ~endpoint_disabled,
             )
             .order_by(W.c.next_attempt_at)
@@ -184,7 +184,7 @@ class Outbox:
                         .where(W.c.id.in_(pick.scalar_subquery()))
                         .values(
                             lease_owner=worker_id,
-                            lease_expires_at=now + timedelta(seconds=lease_seconds),
+                            lease_expires_at=self._db.clock(lease_seconds),
                         )
                         .returning(W.c.id)
                     )

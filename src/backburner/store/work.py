@@ -2,13 +2,15 @@
 maintenance that recovers lost leases and expires overdue work.
 
 Every write is a compare-and-set on the current state (allowed sources from
-:func:`backburner.core.states.sources`) and, for running work, on the lease owner: a worker whose
-lease was taken away records nothing.
+:func:`backburner.core.states.sources`) and, for running work, on the lease: each claim holds its
+own lease token (``lease_owner``), so a run whose lease was taken away records nothing, even when
+the same worker has claimed that generation again since. Lease times are read off the database's
+clock (:meth:`Database.clock`), never a worker's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -27,6 +29,8 @@ from backburner.store.tables import generations, groups
 from backburner.store.terminal import Terminal
 
 G = generations
+Leases = Mapping[str, str]
+"""Generation id -> the lease token its claim holds (what :meth:`Work.claim` was given)."""
 CLEARED = {"lease_owner": None, "lease_expires_at": None}
 
 
@@ -38,6 +42,11 @@ def _unreachable(exc: BaseException) -> bool:
             exc, sa.exc.OperationalError | sa.exc.InterfaceError
         )
     return isinstance(exc, OSError | TimeoutError | sa.exc.DisconnectionError | sa.exc.TimeoutError)
+
+
+def _held(leases: Leases) -> sa.ColumnElement[bool]:
+    """Rows whose (id, lease token) pair is one of ``leases``."""
+    return sa.tuple_(G.c.id, G.c.lease_owner).in_(list(leases.items()))
 
 
 def _stored(outcome: Outcome) -> tuple[str, str | None]:
@@ -56,9 +65,10 @@ class Work:
         self._idempotency = idempotency
 
     async def claim(
-        self, worker_id: str, models: Iterable[str], limit: int, lease_seconds: float
+        self, lease: str, models: Iterable[str], limit: int, lease_seconds: float
     ) -> list[GenerationRecord]:
-        """Atomically take up to ``limit`` runnable generations for ``models``, fair order."""
+        """Atomically take up to ``limit`` runnable generations for ``models``, fair order,
+        under the lease token ``lease`` (unique per claim: it fences this run's writes)."""
         models = list(models)
         if limit <= 0 or not models:
             return []
@@ -80,8 +90,8 @@ class Work:
             .values(
                 state=State.IN_PROGRESS.value,
                 state_message=StateMessage.RUNNING,
-                lease_owner=worker_id,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                lease_owner=lease,
+                lease_expires_at=self._db.clock(lease_seconds),
                 attempts=G.c.attempts + 1,
                 dispatched_at=sa.func.coalesce(
                     G.c.dispatched_at, sa.bindparam("now", now, type_=G.c.dispatched_at.type)
@@ -95,30 +105,26 @@ class Work:
         recs.sort(key=lambda r: (r.created_at, r.group_index or 0))
         return recs
 
-    async def heartbeat(self, worker_id: str, ids: Sequence[str], lease_seconds: float) -> int:
-        """Extend the leases this worker still holds; returns how many."""
-        if not ids:
+    async def heartbeat(self, leases: Leases, lease_seconds: float) -> int:
+        """Extend the leases still held (each generation under its own token); returns how
+        many."""
+        if not leases:
             return 0
-        now = utcnow()
         async with self._db.writer.begin() as conn:
             res = await conn.execute(
                 G.update()
-                .where(
-                    G.c.id.in_(list(ids)),
-                    G.c.lease_owner == worker_id,
-                    G.c.state == State.IN_PROGRESS.value,
-                )
-                .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+                .where(_held(leases), G.c.state == State.IN_PROGRESS.value)
+                .values(lease_expires_at=self._db.clock(lease_seconds))
             )
         return int(res.rowcount)
 
-    async def finish(self, worker_id: str, outcomes: Sequence[Outcome]) -> list[str]:
-        """Record outcomes of generations this worker holds, in one transaction.
+    async def finish(self, leases: Leases, outcomes: Sequence[Outcome]) -> list[str]:
+        """Record outcomes of generations held under ``leases``, in one transaction.
 
-        Only generations still In Progress under this worker's lease are written (they are
-        locked first, and each outcome must be a transition the table allows from the state
-        read), so a worker whose lease was taken away records nothing. Three statements whatever
-        the batch size: lock-and-read, then one executemany per kind of outcome.
+        Only generations still In Progress under the very lease token given for them are
+        written (they are locked first, and each outcome must be a transition the table allows
+        from the state read), so a run whose lease was taken away records nothing. Three
+        statements whatever the batch size: lock-and-read, then one executemany per kind.
         Returns the ids of groups that completed.
 
         Nothing is written when it raises: :class:`~backburner.store.codec.Unstorable` (before
@@ -131,7 +137,7 @@ class Work:
             return []
         stored = {o.generation_id: _stored(o) for o in outcomes}
         try:
-            return await self._finish(worker_id, outcomes, stored)
+            return await self._finish(leases, outcomes, stored)
         except Exception as exc:
             if _unreachable(exc):
                 said = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -142,7 +148,7 @@ class Work:
 
     async def _finish(
         self,
-        worker_id: str,
+        leases: Leases,
         outcomes: Sequence[Outcome],
         stored: dict[str, tuple[str, str | None]],
     ) -> list[str]:
@@ -154,9 +160,10 @@ class Work:
                     await conn.execute(
                         sa.select(G.c.id, G.c.group_id, G.c.webhook_id, G.c.batch_id, G.c.state)
                         .where(
-                            G.c.id.in_([o.generation_id for o in outcomes]),
+                            _held(
+                                {o.generation_id: leases.get(o.generation_id, "") for o in outcomes}
+                            ),
                             G.c.state == State.IN_PROGRESS.value,
-                            G.c.lease_owner == worker_id,
                         )
                         .with_for_update()
                     )
@@ -218,16 +225,15 @@ class Work:
                 )
             return await self._terminal.generations_finished(conn, finished, now)
 
-    async def release(self, worker_id: str, ids: Sequence[str]) -> int:
+    async def release(self, leases: Leases) -> int:
         """Give back generations a stopping worker did not finish (the try is not counted)."""
-        if not ids:
+        if not leases:
             return 0
         async with self._db.writer.begin() as conn:
             res = await conn.execute(
                 G.update()
                 .where(
-                    G.c.id.in_(list(ids)),
-                    G.c.lease_owner == worker_id,
+                    _held(leases),
                     one_of(G.c.state, sources(State.QUEUED, among=[State.IN_PROGRESS])),
                 )
                 .values(
@@ -245,7 +251,7 @@ class Work:
         now = utcnow()
         pick = (
             sa.select(G.c.id)
-            .where(G.c.state == State.IN_PROGRESS.value, G.c.lease_expires_at < now)
+            .where(G.c.state == State.IN_PROGRESS.value, G.c.lease_expires_at < self._db.clock())
             .limit(batch)
             .with_for_update(skip_locked=True)
         )
