@@ -53,6 +53,11 @@ def worker_options(settings: Settings) -> WorkerOptions:
         poll_interval=settings.poll_interval_seconds,
         maintenance_interval=settings.maintenance_interval_seconds,
         backoff=Backoff(settings.retry_base_seconds, settings.retry_cap_seconds),
+        prefix_runs=settings.prefix_runs,
+        prefix_window=settings.prefix_window,
+        prefix_max_runs=settings.prefix_max_runs,
+        prefix_fair_every=settings.prefix_fair_every,
+        prefix_warmup_seconds=settings.prefix_warmup_seconds,
     )
 
 

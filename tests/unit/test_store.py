@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,6 +13,7 @@ import sqlalchemy as sa
 
 from backburner.core.clock import utcnow
 from backburner.core.outcome import Idempotency, Outcome
+from backburner.core.prefix import Candidate
 from backburner.core.states import GroupStatus, Kind, State
 from backburner.errors import Conflict, NotFound
 from backburner.schemas.generation import GenerationRecord, NewGeneration
@@ -432,3 +434,19 @@ async def test_lease_times_come_from_the_database_clock(store: Store) -> None:
     _, expires = await lease_of(store, gid)
     assert expires is not None
     assert before + timedelta(seconds=29) <= expires <= utcnow() + timedelta(seconds=31)
+
+
+async def test_a_claim_with_a_chooser_takes_what_it_picks_in_its_order(store: Store) -> None:
+    ids = [await submit(store) for _ in range(6)]
+    seen: list[list[str]] = []
+
+    def every_other_reversed(window: Sequence[Candidate], n: int) -> list[Candidate]:
+        seen.append([c.id for c in window])
+        return list(reversed(window[::2]))[:n]
+
+    got = await store.work.claim("w1", [M], 2, 60, choose=every_other_reversed, window=5)
+    assert seen == [ids[:5]]  # the window, in fair order
+    assert [g.id for g in got] == [ids[4], ids[2]]
+    assert all(g.state is State.IN_PROGRESS for g in got)
+    rest = await store.work.claim("w2", [M], 10, 60, choose=lambda w, n: w[:n], window=1)
+    assert [g.id for g in rest] == [i for i in ids if i not in (ids[4], ids[2])]

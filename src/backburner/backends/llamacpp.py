@@ -49,6 +49,18 @@ def _max_tokens(body: JSON) -> int:
     return int(v) if v else DEFAULT_MAX_TOKENS
 
 
+def _prompt_evals(llm: Any) -> int:
+    """Prompt tokens this context has computed so far (llama.cpp's own counter)."""
+    if llm is None:
+        return 0
+    import llama_cpp
+
+    try:
+        return int(llama_cpp.llama_perf_context(llm._ctx.ctx).n_p_eval)
+    except (AttributeError, TypeError):  # an older binding: not counted
+        return 0
+
+
 class LlamaCppBackend:
     """One llama.cpp model with two contexts: realtime and background.
 
@@ -71,6 +83,10 @@ class LlamaCppBackend:
         self._realtime = threading.Condition()
         self._realtime_active = 0
         self.pauses = 0  # times a background generation stopped between tokens for realtime
+        # prompt tokens asked for, and those actually computed (the rest came from the context's
+        # kept prefix: llama.cpp reuses the longest common prefix with the previous prompt)
+        self.prompt_tokens = 0
+        self.prefill_tokens = 0
 
     def _path(self) -> Path:
         if self._settings.model_path:
@@ -144,10 +160,16 @@ class LlamaCppBackend:
     def _call(self, kind: Kind, body: JSON, embedder: Any, background: Any) -> JSON:
         lock = self._background_lock if background is not None else self._lock
         with lock:
+            llm = None if kind is Kind.EMBEDDING else (background or self._llm)
+            before = _prompt_evals(llm)
             try:
-                return self._call_unlocked(kind, body, embedder, background)
+                out = self._call_unlocked(kind, body, embedder, background)
             except ValueError as exc:  # llama.cpp's way of saying "bad request"
                 raise BackendRejected(f"llama.cpp rejected the request: {exc}") from exc
+            if llm is not None:
+                self.prefill_tokens += max(0, _prompt_evals(llm) - before)
+                self.prompt_tokens += int((out.get("usage") or {}).get("prompt_tokens") or 0)
+            return out
 
     def _call_unlocked(self, kind: Kind, body: JSON, embedder: Any, background: Any) -> JSON:
         from llama_cpp import LogitsProcessorList

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -23,10 +23,12 @@ from backburner.backends.engines import Engines
 from backburner.core.clock import utcnow
 from backburner.core.ids import lease_owner_id, new_id
 from backburner.core.outcome import Outcome
+from backburner.core.prefix import Candidate
 from backburner.core.retry import Backoff, should_retry
 from backburner.core.states import State, StateMessage
 from backburner.errors import BackendError, Preempted, ServiceUnavailable
 from backburner.metrics import Metrics
+from backburner.scheduler.prefix_runs import PrefixRuns
 from backburner.schemas.generation import GenerationRecord
 from backburner.store import Store
 from backburner.store.codec import Unstorable, printable
@@ -54,6 +56,13 @@ class WorkerOptions:
     claim_size: int = 64
     write_size: int = 256
     shutdown_grace: float = 10.0
+    # prefix runs (scheduler/prefix_runs.py): claim from a window of the fair order in runs of
+    # one prompt prefix; off: plain fair order
+    prefix_runs: bool = True
+    prefix_window: int = 64
+    prefix_max_runs: int = 2
+    prefix_fair_every: int = 16
+    prefix_warmup_seconds: float = 2.0
 
 
 class Worker:
@@ -84,6 +93,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._beat_stop = asyncio.Event()  # set once in-flight work is drained
         self._idle: dict[str, bool] = {}
+        self._runs: dict[str, PrefixRuns] = {}  # by lane
 
     def wake(self) -> None:
         """New work was submitted in this process: claim now instead of at the next poll."""
@@ -161,9 +171,8 @@ class Worker:
                 await lane.wait_background_capacity(self.opts.poll_interval)
                 continue
             n = lane.take_background(self.opts.claim_size)
-            lease = self.lease_token()
             try:
-                claimed = await self.store.work.claim(lease, models, n, self.opts.lease_seconds)
+                lease, claimed = await self._claim(name, models, n)
             except Exception:
                 lane.release_background(n)
                 log.exception("claim failed; retrying")
@@ -206,6 +215,50 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.opts.poll_interval)
 
+    async def _claim(
+        self, lane: str, models: list[str], n: int
+    ) -> tuple[str, list[GenerationRecord]]:
+        """Claim up to ``n`` for ``lane`` under a new lease token: in prefix runs, or in plain
+        fair order when they are off. Returns the token and what was claimed."""
+        lease = self.lease_token()
+        runs = self._lane_runs(lane)
+        if runs is None:
+            return lease, await self.store.work.claim(lease, models, n, self.opts.lease_seconds)
+        picked: list[Candidate] = []
+
+        def choose(window: Sequence[Candidate], k: int) -> Sequence[Candidate]:
+            picked[:] = runs.choose(window, k)
+            return picked
+
+        claimed: list[GenerationRecord] = []
+        try:
+            claimed = await self.store.work.claim(
+                lease,
+                models,
+                n,
+                self.opts.lease_seconds,
+                choose=choose,
+                window=self.opts.prefix_window,
+            )
+            return lease, claimed
+        finally:  # picks the claim did not get are not running
+            got = {g.id for g in claimed}
+            for c in picked:
+                if c.id not in got:
+                    runs.finished(c.prefix_key)
+
+    def _lane_runs(self, lane: str) -> PrefixRuns | None:
+        if not self.opts.prefix_runs:
+            return None
+        runs = self._runs.get(lane)
+        if runs is None:
+            runs = self._runs[lane] = PrefixRuns(
+                max_runs=self.opts.prefix_max_runs,
+                fair_every=self.opts.prefix_fair_every,
+                warmup_seconds=self.opts.prefix_warmup_seconds,
+            )
+        return runs
+
     def lease_token(self) -> str:
         """A new lease token for one claim: a random part first (unique), then who holds it."""
         return f"{new_id()[:8]}~{self.id}"[:64]
@@ -225,6 +278,10 @@ class Worker:
             )
             if self._inflight.get(generation.id) is me:
                 del self._inflight[generation.id]
+            runs = self._runs.get(backend)
+            if runs is not None and generation.prefix_key in runs.warming:
+                runs.finished(generation.prefix_key)
+                self._wake.set()  # its siblings may follow now
         await self._results.put((lease, outcome))
 
     async def _attempt(self, generation: GenerationRecord) -> Outcome:

@@ -35,6 +35,7 @@ class GenerationRecord:
     batch_id: str | None = None
     custom_id: str | None = None
     webhook_id: str | None = None
+    prefix_key: str | None = None  # never on the wire
 
     def to_wire(self) -> dict[str, Any]:
         """The Generation object: ``response`` only on Success; absent timestamps are absent."""

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from backburner.core.clock import utcnow
 from backburner.core.ids import new_id
+from backburner.core.prefix import prefix_key
 from backburner.core.states import (
     BATCH_RUNNING,
     BatchStatus,
@@ -213,6 +214,7 @@ class BatchRuns:
                     "group_id": None,
                     "group_index": first_index + i,
                     "batch_id": batch.id,
+                    "prefix_key": prefix_key(str(line.body["model"]), line.body),
                     "custom_id": line.custom_id,
                     "webhook_id": None,
                 }

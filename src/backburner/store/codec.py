@@ -114,6 +114,7 @@ def generation(row: sa.Row[Any] | Mapping[str, Any]) -> GenerationRecord:
         batch_id=m["batch_id"],
         custom_id=m["custom_id"],
         webhook_id=m["webhook_id"],
+        prefix_key=m.get("prefix_key"),
     )
 
 

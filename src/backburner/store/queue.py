@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from backburner.core.prefix import prefix_key
 from backburner.core.states import State, StateMessage
 from backburner.schemas.generation import GroupCounts, NewGeneration
 from backburner.store import codec
@@ -91,6 +92,7 @@ def new_rows(
             "batch_id": None,
             "custom_id": item.custom_id,
             "webhook_id": item.webhook_id,
+            "prefix_key": prefix_key(item.model, item.request),
         }
         for i, (gid, item) in enumerate(zip(ids, items, strict=True))
     ]

@@ -10,7 +10,7 @@ clock (:meth:`Database.clock`), never a worker's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from backburner.core.clock import utcnow
 from backburner.core.outcome import Outcome
+from backburner.core.prefix import Candidate
 from backburner.core.states import GroupStatus, State, StateMessage, can_transition, sources
 from backburner.errors import ServiceUnavailable
 from backburner.schemas.generation import GenerationRecord
@@ -29,6 +30,8 @@ from backburner.store.tables import generations, groups
 from backburner.store.terminal import Terminal
 
 G = generations
+Chooser = Callable[[Sequence[Candidate], int], Sequence[Candidate]]
+"""Picks up to ``n`` of a window of queued generations (given in fair order) to claim."""
 Leases = Mapping[str, str]
 """Generation id -> the lease token its claim holds (what :meth:`Work.claim` was given)."""
 CLEARED = {"lease_owner": None, "lease_expires_at": None}
@@ -65,28 +68,32 @@ class Work:
         self._idempotency = idempotency
 
     async def claim(
-        self, lease: str, models: Iterable[str], limit: int, lease_seconds: float
+        self,
+        lease: str,
+        models: Iterable[str],
+        limit: int,
+        lease_seconds: float,
+        *,
+        choose: Chooser | None = None,
+        window: int = 0,
     ) -> list[GenerationRecord]:
-        """Atomically take up to ``limit`` runnable generations for ``models``, fair order,
-        under the lease token ``lease`` (unique per claim: it fences this run's writes)."""
+        """Atomically take up to ``limit`` runnable generations for ``models`` under the lease
+        token ``lease`` (unique per claim: it fences this run's writes).
+
+        Plain: the first ``limit`` in fair order. With ``choose``: the first ``window`` in fair
+        order are read (locked) and ``choose(window, limit)`` picks which to take, e.g. prefix
+        runs (:mod:`backburner.scheduler.prefix_runs`); the records come back in its order."""
         models = list(models)
         if limit <= 0 or not models:
             return []
         now = utcnow()
-        pick = (
-            sa.select(G.c.id)
-            .where(
-                one_of(G.c.state, sources(State.IN_PROGRESS)),
-                G.c.available_at <= now,
-                G.c.model.in_(models),
-            )
-            .order_by(G.c.fair_key)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
+        runnable = (
+            one_of(G.c.state, sources(State.IN_PROGRESS)),
+            G.c.available_at <= now,
+            G.c.model.in_(models),
         )
-        stmt = (
+        take = (
             G.update()
-            .where(G.c.id.in_(pick.scalar_subquery()))
             .values(
                 state=State.IN_PROGRESS.value,
                 state_message=StateMessage.RUNNING,
@@ -99,10 +106,35 @@ class Work:
             )
             .returning(G)
         )
+        if choose is None:
+            pick = (
+                sa.select(G.c.id)
+                .where(*runnable)
+                .order_by(G.c.fair_key)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            async with self._db.writer.begin() as conn:
+                rows = (await conn.execute(take.where(G.c.id.in_(pick.scalar_subquery())))).all()
+            recs = [codec.generation(r) for r in rows]
+            recs.sort(key=lambda r: (r.created_at, r.group_index or 0))
+            return recs
+        view = (
+            sa.select(G.c.id, G.c.prefix_key, G.c.fair_key)
+            .where(*runnable)
+            .order_by(G.c.fair_key)
+            .limit(max(window, limit))
+            .with_for_update(skip_locked=True)
+        )
         async with self._db.writer.begin() as conn:
-            rows = (await conn.execute(stmt)).all()
+            seen = [Candidate(r[0], r[1], r[2]) for r in (await conn.execute(view)).all()]
+            chosen = [c.id for c in choose(seen, limit)] if seen else []
+            if not chosen:
+                return []
+            rows = (await conn.execute(take.where(G.c.id.in_(chosen)))).all()
+        order = {gid: i for i, gid in enumerate(chosen)}
         recs = [codec.generation(r) for r in rows]
-        recs.sort(key=lambda r: (r.created_at, r.group_index or 0))
+        recs.sort(key=lambda r: order[r.id])
         return recs
 
     async def heartbeat(self, leases: Leases, lease_seconds: float) -> int:
