@@ -32,6 +32,8 @@ LEGACY_WEBHOOK_RETRY_KEYS = (
 )
 # one delay of a retry schedule: seconds, finite, at most a week
 RetryDelay = Annotated[float, Field(ge=0, le=7 * 24 * 3600, allow_inf_nan=False)]
+# the longest retention that can be set (100 years); 0 keeps things forever
+RETENTION_MAX_DAYS = 36500
 
 log = logging.getLogger("backburner.config")
 
@@ -44,6 +46,9 @@ class BackendSettings(BaseModel):
     name: str = Field(min_length=1)
     type: str = Field(min_length=1, description="openai | llamacpp, or a plugin's entry point name")
     base_url: str | None = None
+    # several replicas of one engine (each its own server, probe and background window); work
+    # with the same prompt prefix goes to the same replica (docs/scheduling.md)
+    base_urls: list[str] = Field(default_factory=list, max_length=256)
     api_key: SecretStr | None = None
     # Public model names; a table maps a public name to the engine's own name.
     models: list[str] | dict[str, str] = Field(default_factory=list)
@@ -93,11 +98,40 @@ class BackendSettings(BaseModel):
                 f"backend '{self.name}': engine = '{self.engine}' reads a server's load signals;"
                 " the embedded llamacpp engine pauses background work itself (leave engine out)"
             )
-        if self.engine != "generic" and not (self.base_url or self.metrics_url):
+        if self.engine != "generic" and not (self.base_url or self.base_urls or self.metrics_url):
             raise ValueError(
                 f"backend '{self.name}': engine = '{self.engine}' needs base_url or metrics_url"
             )
+        if self.base_urls:
+            if len(set(self.base_urls)) != len(self.base_urls):
+                raise ValueError(f"backend '{self.name}': base_urls lists a server twice")
+            if self.base_url and self.base_url not in self.base_urls:
+                raise ValueError(
+                    f"backend '{self.name}': base_url must be one of base_urls, or left out"
+                )
+            if self.metrics_url and len(self.base_urls) > 1:
+                raise ValueError(
+                    f"backend '{self.name}': metrics_url names one server; with several"
+                    " base_urls leave it out (each replica's is derived from its base_url)"
+                )
+            if self.type == "llamacpp":
+                raise ValueError(
+                    f"backend '{self.name}': base_urls are servers; the embedded llamacpp"
+                    " engine has none"
+                )
         return self
+
+    def replicas(self) -> list[BackendSettings]:
+        """One settings object per server: this one, or one per ``base_urls`` entry, named
+        ``name[i]``, each with its own ``base_url``."""
+        if not self.base_urls:
+            return [self]
+        if len(self.base_urls) == 1:
+            return [self.model_copy(update={"base_url": self.base_urls[0], "base_urls": []})]
+        return [
+            self.model_copy(update={"name": f"{self.name}[{i}]", "base_url": url, "base_urls": []})
+            for i, url in enumerate(self.base_urls)
+        ]
 
     def model_map(self) -> dict[str, str]:
         """Public model name -> the name the engine knows it by."""
@@ -140,6 +174,16 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=1.0, ge=0)
     retry_cap_seconds: float = Field(default=60.0, ge=0)
     maintenance_interval_seconds: float = Field(default=5.0, gt=0)
+    # prefix runs (docs/scheduling.md): a lane takes queued work from a window of the fair order
+    # in runs of one prompt prefix, so the engine's prefix cache stays warm; false: fair order
+    prefix_runs: bool = True
+    prefix_window: int = Field(default=64, ge=1, le=4096)
+    # at most this many prefixes run side by side on one lane
+    prefix_max_runs: int = Field(default=2, ge=1, le=64)
+    # the head of the fair order is passed over at most this many times in a row
+    prefix_fair_every: int = Field(default=16, ge=1, le=4096)
+    # a new prefix's siblings wait for its first request this long at most
+    prefix_warmup_seconds: float = Field(default=2.0, ge=0, le=600)
 
     # webhooks
     # Seconds to wait after each failed attempt, in order (the first attempt is immediate): one
@@ -174,6 +218,30 @@ class Settings(BaseSettings):
     # a longer input line is a line error (found in bounded memory; nothing holds it whole)
     batch_max_line_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
+    # retention (docs/retention.md): whole days that finished things are kept before the
+    # worker's maintenance deletes them; 0 keeps them forever. Unfinished work is never deleted.
+    retention_results_days: int = Field(
+        default=30,
+        ge=0,
+        le=RETENTION_MAX_DAYS,
+        description="finished generations, groups and batches (with their output and error"
+        " files), counted from when they finished; 0 keeps them forever",
+    )
+    retention_events_days: int = Field(
+        default=30,
+        ge=0,
+        le=RETENTION_MAX_DAYS,
+        description="webhook events delivered or failed for good, and their delivery attempts,"
+        " counted from the last attempt; 0 keeps them forever",
+    )
+    retention_files_days: int = Field(
+        default=30,
+        ge=0,
+        le=RETENTION_MAX_DAYS,
+        description="deleted or expired files (the row; the bytes too if any are left), counted"
+        " from the deletion or the expiry; 0 keeps them forever",
+    )
+
     # api
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     idempotency_ttl_seconds: float = Field(default=24 * 3600, gt=0)
@@ -203,7 +271,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _unique_backends(self) -> Settings:
-        names = [b.name for b in self.backends]
+        names = [r.name for b in self.backends for r in b.replicas()]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"backend names must be unique; repeated: {', '.join(dupes)}")

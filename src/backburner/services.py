@@ -38,6 +38,7 @@ from backburner.scheduler import Worker, WorkerOptions
 from backburner.scheduler.batches import BatchRunner
 from backburner.store import Store
 from backburner.store.blobs import LocalBlobStore
+from backburner.store.retention import retention_policy
 from backburner.webhooks.delivery import Deliverer, TargetPolicy, UrlGuard, guarded_transport
 from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
 
@@ -58,6 +59,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
         prefix_max_runs=settings.prefix_max_runs,
         prefix_fair_every=settings.prefix_fair_every,
         prefix_warmup_seconds=settings.prefix_warmup_seconds,
+        retention=retention_policy(settings),
     )
 
 
@@ -124,7 +126,11 @@ class Services:
         """Build everything; ``backends`` replaces configured backends by name (tests inject
         fakes); ``run_worker`` defaults to ``settings.run_worker``."""
         given = dict(backends or {})
-        engines = {s.name: given.get(s.name) or build_backend(s) for s in settings.backends}
+        engines = {
+            r.name: given.get(r.name) or build_backend(r)
+            for s in settings.backends
+            for r in s.replicas()
+        }
         catalog = Engines(settings.backends, engines)
         metrics = Metrics()
         metrics.registry.register(LaneCollector(catalog.lanes))
@@ -157,6 +163,7 @@ class Services:
             worker_options(s),
             metrics=self.metrics,
             after_write=self.dispatcher.wake,
+            blobs=self.blobs,
         )
         self.batches = BatchRunner(
             self.store,

@@ -4,7 +4,7 @@ worker, the batch runner and the dispatcher in burst mode (no HTTP, no sleeps)."
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,13 @@ def burst_settings(database_url: str, files_dir: Path, **overrides: Any) -> Sett
 
 @contextlib.asynccontextmanager
 async def burst_services(
-    database_url: str, files_dir: Path, engine: Backend, **overrides: Any
+    database_url: str, files_dir: Path, engine: Backend | Mapping[str, Backend], **overrides: Any
 ) -> AsyncIterator[Services]:
     """Started :class:`Services` with the background loops built but not running: call
     ``services.worker.run(burst=True)`` (or ``services.run_burst()``) to drain."""
     settings = burst_settings(database_url, files_dir, **overrides)
-    built = Services.from_settings(settings, backends={"fake": engine}, run_worker=True)
+    backends = dict(engine) if isinstance(engine, Mapping) else {"fake": engine}
+    built = Services.from_settings(settings, backends=backends, run_worker=True)
     await built.start()
     try:
         yield built

@@ -10,7 +10,7 @@ from backburner.scheduler.prefix_runs import PrefixRuns
 SYSTEM = "You are a careful annotator. " * 40  # ~1,100 characters
 
 
-def chat(system: str | None, user: str, **extra: Any) -> dict[str, Any]:
+def chat(system: str | None, user: Any, **extra: Any) -> dict[str, Any]:
     messages = [] if system is None else [{"role": "system", "content": system}]
     return {"messages": [*messages, {"role": "user", "content": user}], **extra}
 

@@ -32,6 +32,7 @@ from backburner.scheduler.prefix_runs import PrefixRuns
 from backburner.schemas.generation import GenerationRecord
 from backburner.store import Store
 from backburner.store.codec import Unstorable, printable
+from backburner.store.retention import BlobRemover, RetentionPolicy
 
 log = logging.getLogger("backburner.worker")
 
@@ -63,6 +64,8 @@ class WorkerOptions:
     prefix_max_runs: int = 2
     prefix_fair_every: int = 16
     prefix_warmup_seconds: float = 2.0
+    # what maintenance deletes once it is old enough (store/retention.py); default: nothing
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
 
 class Worker:
@@ -76,6 +79,7 @@ class Worker:
         worker_id: str | None = None,
         on_groups_completed: Callable[[list[str]], Awaitable[None]] | None = None,
         after_write: Callable[[], None] | None = None,
+        blobs: BlobRemover | None = None,
     ) -> None:
         self.store = store
         self.engines = engines
@@ -84,6 +88,7 @@ class Worker:
         self.id = worker_id or lease_owner_id("worker")
         self.on_groups_completed = on_groups_completed
         self.after_write = after_write  # e.generation. wake the webhook dispatcher
+        self.blobs = blobs  # where purged files' bytes are deleted
         self._inflight: dict[str, asyncio.Task[None]] = {}
         # claimed and not yet written: generation id -> the lease token of its claim
         self._held: dict[str, str] = {}
@@ -226,7 +231,11 @@ class Worker:
             return lease, await self.store.work.claim(lease, models, n, self.opts.lease_seconds)
         picked: list[Candidate] = []
 
+        allowed = self.engines.affinity(lane)
+
         def choose(window: Sequence[Candidate], k: int) -> Sequence[Candidate]:
+            if allowed is not None:  # a replica takes its own prefixes (and spilled ones)
+                window = [c for c in window if allowed(c.prefix_key)]
             picked[:] = runs.choose(window, k)
             return picked
 
@@ -269,7 +278,7 @@ class Worker:
         start = time.perf_counter()
         self.metrics.inflight.inc()
         try:
-            outcome = await self._attempt(generation)
+            outcome = await self._attempt(generation, backend)
         finally:
             lane.release_background()
             self.metrics.inflight.dec()
@@ -284,9 +293,9 @@ class Worker:
                 self._wake.set()  # its siblings may follow now
         await self._results.put((lease, outcome))
 
-    async def _attempt(self, generation: GenerationRecord) -> Outcome:
+    async def _attempt(self, generation: GenerationRecord, lane: str) -> Outcome:
         try:
-            response = await self.engines.run_background(generation.kind, generation.request)
+            response = await self.engines.run_background(generation.kind, generation.request, lane)
         except asyncio.CancelledError:
             raise
         except Preempted as exc:
@@ -448,6 +457,10 @@ class Worker:
         if recovered or expired:
             log.info("maintenance: %d recovered, %d expired", recovered, expired)
             self._wake.set()
+        if self.blobs is not None and not self.opts.retention.keeps_everything:
+            purged = await self.store.retention.purge(self.opts.retention, blobs=self.blobs)
+            if purged.rows:
+                log.info("maintenance: purged %s", purged)
         return recovered, expired
 
     async def _maintenance(self) -> None:

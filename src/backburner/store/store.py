@@ -10,6 +10,7 @@
     store.outbox        enqueue_test, claim, record_attempt, attempts, redeliver, count_by_state
     store.keys          create, tenant_for, any_created, list, revoke               (API keys)
     store.idempotency   answer, save                                            (Idempotency-Key)
+    store.retention     purge                          (maintenance: what is old enough goes)
 
 They share one :class:`~backburner.store.base.Database` (the writer and reader engines). What
 happens when generations finish (group and batch counters, webhook events) is in one place,
@@ -30,6 +31,7 @@ from backburner.store.groups import Groups
 from backburner.store.idempotency import IdempotencyKeys
 from backburner.store.keys import Keys
 from backburner.store.outbox import Outbox
+from backburner.store.retention import Retention
 from backburner.store.terminal import Terminal
 from backburner.store.webhooks import Webhooks
 from backburner.store.work import Work
@@ -51,6 +53,7 @@ class Store:
         self.batches = Batches(db, terminal)
         self.batch_runs = BatchRuns(db, terminal)
         self.files = Files(db, self.idempotency)
+        self.retention = Retention(db)
 
     @property
     def engine(self) -> AsyncEngine:

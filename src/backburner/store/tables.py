@@ -42,6 +42,10 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 
 
 ID = sa.String(32)
+# a generation of neither a group nor a batch: the predicate of a partial index, which queries
+# repeat word for word (store/retention.py); one expression, so that SQLite cannot take the
+# indexes on group_id or batch_id for it instead
+STANDALONE = "coalesce(batch_id, group_id) IS NULL"
 
 api_keys = sa.Table(
     "api_keys",
@@ -77,6 +81,8 @@ groups = sa.Table(
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("expires_at", UTCDateTime(), nullable=False),
     sa.Column("completed_at", UTCDateTime(), nullable=True),
+    # retention: finished groups, oldest first
+    sa.Index("ix_groups_completed_at", "completed_at"),
 )
 
 generations = sa.Table(
@@ -104,6 +110,8 @@ generations = sa.Table(
     sa.Column("batch_id", ID, nullable=True),
     sa.Column("custom_id", sa.String(512), nullable=True),
     sa.Column("webhook_id", ID, nullable=True),
+    # what the engine's prefix cache can share (backburner.core.prefix); NULL on older rows
+    sa.Column("prefix_key", sa.String(24), nullable=True),
     sa.Index("ix_generations_state_fair_key", "state", "fair_key"),
     sa.Index("ix_generations_tenant_state", "tenant", "state"),
     sa.Index("ix_generations_state_model_fair_key", "state", "model", "fair_key"),
@@ -111,6 +119,14 @@ generations = sa.Table(
     sa.Index("ix_generations_state_expires_at", "state", "expires_at"),
     sa.Index("ix_generations_group_id_group_index", "group_id", "group_index"),
     sa.Index("ix_generations_batch_id_state_group_index", "batch_id", "state", "group_index"),
+    # retention: finished generations of neither a group nor a batch, oldest first (partial:
+    # batch lines, often most rows, are not in it)
+    sa.Index(
+        "ix_generations_standalone_finished_at",
+        "finished_at",
+        postgresql_where=sa.text(STANDALONE),
+        sqlite_where=sa.text(STANDALONE),
+    ),
 )
 
 webhooks = sa.Table(
@@ -145,6 +161,10 @@ files = sa.Table(
     sa.Column("expires_at", UTCDateTime(), nullable=True),
     sa.Column("deleted_at", UTCDateTime(), nullable=True),
     sa.Index("ix_files_tenant_created_at", "tenant", "created_at"),
+    # retention: deleted or expired files, and the output/error files of a purged batch
+    sa.Index("ix_files_deleted_at", "deleted_at"),
+    sa.Index("ix_files_expires_at", "expires_at"),
+    sa.Index("ix_files_batch_id", "batch_id"),
 )
 
 batches = sa.Table(
