@@ -184,6 +184,11 @@ class Settings(BaseSettings):
     prefix_fair_every: int = Field(default=16, ge=1, le=4096)
     # a new prefix's siblings wait for its first request this long at most
     prefix_warmup_seconds: float = Field(default=2.0, ge=0, le=600)
+    # deadlines (docs/scheduling.md): estimates read the pace of the last pace_window_seconds;
+    # while a group or batch is expected to miss its deadline, each lane keeps deadline_trickle
+    # background slots open even when realtime traffic holds background work back
+    pace_window_seconds: float = Field(default=300.0, ge=10, le=86400)
+    deadline_trickle: int = Field(default=1, ge=0, le=64)
 
     # webhooks
     # Seconds to wait after each failed attempt, in order (the first attempt is immediate): one

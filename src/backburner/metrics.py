@@ -62,6 +62,20 @@ class Metrics:
         self.realtime = Counter(
             "backburner_realtime_requests", "Realtime requests", ["kind", "status"], registry=r
         )
+        self.at_risk = Gauge(
+            "backburner_deadline_at_risk",
+            "Open groups and batches expected to finish after their deadline (worker"
+            " maintenance; unknown pace counts as at risk)",
+            ["kind"],
+            registry=r,
+        )
+        self.at_risk_work = Gauge(
+            "backburner_deadline_at_risk_work",
+            "Seconds by which each at-risk group or batch is expected to miss its deadline"
+            " (the 50 due soonest; +Inf when no pace is measured)",
+            ["kind", "id"],
+            registry=r,
+        )
 
 
 class LaneCollector:

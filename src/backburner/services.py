@@ -60,6 +60,8 @@ def worker_options(settings: Settings) -> WorkerOptions:
         prefix_fair_every=settings.prefix_fair_every,
         prefix_warmup_seconds=settings.prefix_warmup_seconds,
         retention=retention_policy(settings),
+        pace_window_seconds=settings.pace_window_seconds,
+        deadline_trickle=settings.deadline_trickle,
     )
 
 

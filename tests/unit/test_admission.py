@@ -208,3 +208,25 @@ def test_a_short_queue_is_tolerated_only_while_realtime_is_quiet(clock: Clock) -
     c.realtime_started()
     cycle(c, clock, short, n=2)
     assert c.held() is Held.ENGINE_QUEUE  # realtime present: any queue counts
+
+
+def test_a_deadline_trickle_keeps_background_going_while_realtime_holds_it(
+    clock: Clock,
+) -> None:
+    c = controller(clock, shared_window=0)
+    cycle(c, clock, n=4)
+    c.realtime_started()
+    assert c.held() is Held.REALTIME and c.allowance() == 0 and c.excess() == 16
+    c.trickle = 2
+    assert c.excess() == 14  # the trickle is not preempted
+    c.background_finished(16)
+    assert c.allowance() == 2  # held for realtime, yet two slots stay open
+    c.background_started(2)
+    assert c.allowance() == 0 and c.excess() == 0
+    c.observe_overload()  # an overloaded engine gets no trickle
+    c.background_finished(2)
+    assert c.allowance() == 0
+    c.trickle = 0
+    clock.advance(60)
+    c.observe_load(IDLE)
+    assert c.held() is Held.REALTIME and c.allowance() == 0

@@ -450,3 +450,37 @@ async def test_a_claim_with_a_chooser_takes_what_it_picks_in_its_order(store: St
     assert all(g.state is State.IN_PROGRESS for g in got)
     rest = await store.work.claim("w2", [M], 10, 60, choose=lambda w, n: w[:n], window=1)
     assert [g.id for g in rest] == [i for i in ids if i not in (ids[4], ids[2])]
+
+
+async def test_work_due_sooner_goes_first_inside_its_tenants_turns(store: Store) -> None:
+    """t1 queues 4 requests due in a day, then a group of 2 due in an hour; t2 queues 3. The
+    claims still follow the fair keys (each tenant's turns), but t1's turns go to its group
+    first."""
+    late = [await submit(store, "t1", expiry=24 * HOUR) for _ in range(4)]
+    others = [await submit(store, "t2", expiry=24 * HOUR) for _ in range(3)]
+    gid = await group(store, 2, "t1", expiry=HOUR)
+    soon = {g.id for g in (await store.groups.get("t1", gid, with_generations=True))[1]}
+    order: list[tuple[str, str]] = []
+    keys: list[int] = []
+    while got := await store.work.claim("w", [M], 1, 60):
+        order.append((got[0].tenant, got[0].id))
+        async with store.engine.connect() as conn:
+            keys.append(
+                (
+                    await conn.execute(
+                        sa.select(generations.c.fair_key).where(generations.c.id == got[0].id)
+                    )
+                ).scalar_one()
+            )
+    assert keys == sorted(keys) and len(order) == 9  # every claim in fair-key order
+    t1_order = [gid_ for t, gid_ in order if t == "t1"]
+    assert set(t1_order[:2]) == soon  # the group first, in t1's first two turns
+    # then the rest; the two it displaced took the group's later turns
+    assert sorted(t1_order[2:]) == sorted(late)
+    assert [gid_ for t, gid_ in order if t == "t2"] == others
+
+
+async def test_equal_deadlines_keep_the_fair_order(store: Store) -> None:
+    ids = [await submit(store, "t1") for _ in range(5)]
+    got = await store.work.claim("w", [M], 5, 60)
+    assert [g.id for g in got] == ids

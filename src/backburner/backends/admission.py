@@ -107,6 +107,9 @@ class AdmissionController:
         self._running_background: int | None = None
         self._quiet_window = self.window
         self._queue_streak = 0
+        # background slots kept open while work is at risk of missing its deadline, whatever
+        # realtime does (not while the engine is unreachable or overloaded)
+        self.trickle = 0
         self.load: EngineLoad | None = None
         self._load_at: float | None = None
         self.probe_error: str | None = "no probe yet"
@@ -219,17 +222,22 @@ class AdmissionController:
 
     def allowance(self) -> int:
         """How many more background requests may start now."""
-        if self.held() is not Held.NONE:
-            return 0
+        held = self.held()
+        floor = 0
+        if self.trickle and held not in (Held.PROBE_STALE, Held.OVERLOADED):
+            floor = max(0, min(self.trickle, self.opts.max_window) - self.background_inflight)
+        if held is not Held.NONE:
+            return floor
         if not self.opts.gated:
             return max(0, self.opts.max_window - self.background_inflight)
-        return max(0, math.floor(self.window) - self.background_inflight)
+        return max(floor, math.floor(self.window) - self.background_inflight)
 
     def excess(self) -> int:
-        """Background requests in flight above the window (candidates for preemption)."""
+        """Background requests in flight above the window (candidates for preemption); the
+        deadline trickle is never preempted."""
         if not self.opts.gated:
             return 0
-        return max(0, self.background_inflight - math.floor(self.window))
+        return max(0, self.background_inflight - max(math.floor(self.window), self.trickle))
 
     @property
     def shared(self) -> bool:

@@ -203,6 +203,13 @@ class Lane:
             log.debug("lane %s preempted %d background requests", self.name, len(victims))
         return len(victims)
 
+    def set_trickle(self, slots: int) -> None:
+        """Keep ``slots`` background slots open whatever realtime does (work is at risk of
+        missing its deadline); 0 ends it."""
+        if slots != self.controller.trickle:
+            self.controller.trickle = slots
+            self._wake()
+
     # ------------------------------------------------------------------ realtime
     def realtime_started(self) -> RealtimeTicket:
         self.counters.realtime += 1

@@ -19,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 #: characters of the prompt's beginning that decide its key
@@ -95,3 +96,5 @@ class Candidate:
     id: str
     prefix_key: str | None
     fair_key: int
+    tenant: str = ""
+    deadline: datetime | None = None

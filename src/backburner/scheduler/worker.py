@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from backburner.backends.engines import Engines
 from backburner.core.clock import utcnow
+from backburner.core.estimate import OpenWork
 from backburner.core.ids import lease_owner_id, new_id
 from backburner.core.outcome import Outcome
 from backburner.core.prefix import Candidate
@@ -64,6 +66,8 @@ class WorkerOptions:
     prefix_max_runs: int = 2
     prefix_fair_every: int = 16
     prefix_warmup_seconds: float = 2.0
+    pace_window_seconds: float = 300.0
+    deadline_trickle: int = 1
     # what maintenance deletes once it is old enough (store/retention.py); default: nothing
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
 
@@ -99,6 +103,7 @@ class Worker:
         self._beat_stop = asyncio.Event()  # set once in-flight work is drained
         self._idle: dict[str, bool] = {}
         self._runs: dict[str, PrefixRuns] = {}  # by lane
+        self._at_risk = False
 
     def wake(self) -> None:
         """New work was submitted in this process: claim now instead of at the next poll."""
@@ -457,11 +462,44 @@ class Worker:
         if recovered or expired:
             log.info("maintenance: %d recovered, %d expired", recovered, expired)
             self._wake.set()
+        await self.check_deadlines()
         if self.blobs is not None and not self.opts.retention.keeps_everything:
             purged = await self.store.retention.purge(self.opts.retention, blobs=self.blobs)
             if purged.rows:
                 log.info("maintenance: purged %s", purged)
         return recovered, expired
+
+    async def check_deadlines(self) -> list[tuple[OpenWork, datetime | None]]:
+        """Which open groups and batches are expected to miss their deadline (None: no pace
+        measured, so at risk too): set the metrics, and keep a trickle of background slots
+        open on every lane while there are any."""
+        pace = await self.store.deadlines.pace(self.opts.pace_window_seconds)
+        now = utcnow()
+        risky: list[tuple[OpenWork, datetime | None]] = []
+        for work in await self.store.deadlines.open_work():
+            eta = pace.eta(work.tenant, work.remaining, now)
+            if eta is None or eta > work.deadline:
+                risky.append((work, eta))
+        for kind in ("group", "batch"):
+            self.metrics.at_risk.labels(kind).set(sum(1 for w, _ in risky if w.kind == kind))
+        self.metrics.at_risk_work.clear()
+        for work, eta in risky[:50]:
+            late = math.inf if eta is None else (eta - work.deadline).total_seconds()
+            self.metrics.at_risk_work.labels(work.kind, work.id).set(late)
+        trickle = self.opts.deadline_trickle if risky else 0
+        for lane in self.engines.lanes.values():
+            lane.set_trickle(trickle)
+        if risky and not self._at_risk:
+            log.warning(
+                "%d groups and batches may miss their deadline (first: %s %s); keeping %d"
+                " background slots open per lane",
+                len(risky),
+                risky[0][0].kind,
+                risky[0][0].id,
+                trickle,
+            )
+        self._at_risk = bool(risky)
+        return risky
 
     async def _maintenance(self) -> None:
         while not self._stopping.is_set():

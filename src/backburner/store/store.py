@@ -11,6 +11,7 @@
     store.keys          create, tenant_for, any_created, list, revoke               (API keys)
     store.idempotency   answer, save                                            (Idempotency-Key)
     store.retention     purge                          (maintenance: what is old enough goes)
+    store.deadlines     pace, open_work                 (estimates and work at risk)
 
 They share one :class:`~backburner.store.base.Database` (the writer and reader engines). What
 happens when generations finish (group and batch counters, webhook events) is in one place,
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from backburner.store.base import Database
 from backburner.store.batch_runs import BatchRuns
 from backburner.store.batches import Batches
+from backburner.store.deadlines import Deadlines
 from backburner.store.files import Files
 from backburner.store.generations import Generations
 from backburner.store.groups import Groups
@@ -54,6 +56,7 @@ class Store:
         self.batch_runs = BatchRuns(db, terminal)
         self.files = Files(db, self.idempotency)
         self.retention = Retention(db)
+        self.deadlines = Deadlines(db)
 
     @property
     def engine(self) -> AsyncEngine:

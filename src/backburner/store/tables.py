@@ -83,6 +83,8 @@ groups = sa.Table(
     sa.Column("completed_at", UTCDateTime(), nullable=True),
     # retention: finished groups, oldest first
     sa.Index("ix_groups_completed_at", "completed_at"),
+    # deadlines: open groups, earliest first
+    sa.Index("ix_groups_status_expires_at", "status", "expires_at"),
 )
 
 generations = sa.Table(
@@ -113,7 +115,10 @@ generations = sa.Table(
     # what the engine's prefix cache can share (backburner.core.prefix); NULL on older rows
     sa.Column("prefix_key", sa.String(24), nullable=True),
     sa.Index("ix_generations_state_fair_key", "state", "fair_key"),
-    sa.Index("ix_generations_tenant_state", "tenant", "state"),
+    # a tenant's queued work by deadline (earliest first inside its turns), and its counts
+    sa.Index("ix_generations_tenant_state_expires_at", "tenant", "state", "expires_at"),
+    # the pace of background work: what finished lately
+    sa.Index("ix_generations_finished_at", "finished_at"),
     sa.Index("ix_generations_state_model_fair_key", "state", "model", "fair_key"),
     sa.Index("ix_generations_state_lease_expires_at", "state", "lease_expires_at"),
     sa.Index("ix_generations_state_expires_at", "state", "expires_at"),

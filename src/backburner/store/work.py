@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backburner.core.clock import utcnow
 from backburner.core.outcome import Outcome
@@ -30,6 +31,8 @@ from backburner.store.tables import generations, groups
 from backburner.store.terminal import Terminal
 
 G = generations
+#: deadlines closer than this count as the same (the lines of one batch, say)
+EDF_SLACK = timedelta(seconds=60)
 Chooser = Callable[[Sequence[Candidate], int], Sequence[Candidate]]
 """Picks up to ``n`` of a window of queued generations (given in fair order) to claim."""
 Leases = Mapping[str, str]
@@ -82,7 +85,8 @@ class Work:
 
         Plain: the first ``limit`` in fair order. With ``choose``: the first ``window`` in fair
         order are read (locked) and ``choose(window, limit)`` picks which to take, e.g. prefix
-        runs (:mod:`backburner.scheduler.prefix_runs`); the records come back in its order."""
+        runs (:mod:`backburner.scheduler.prefix_runs`). Then, inside each tenant's picks, work
+        due sooner goes first (:meth:`_earliest_first`). The records come back in pick order."""
         models = list(models)
         if limit <= 0 or not models:
             return []
@@ -106,36 +110,87 @@ class Work:
             )
             .returning(G)
         )
-        if choose is None:
-            pick = (
-                sa.select(G.c.id)
-                .where(*runnable)
-                .order_by(G.c.fair_key)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            async with self._db.writer.begin() as conn:
-                rows = (await conn.execute(take.where(G.c.id.in_(pick.scalar_subquery())))).all()
-            recs = [codec.generation(r) for r in rows]
-            recs.sort(key=lambda r: (r.created_at, r.group_index or 0))
-            return recs
+        if choose is None:  # plain fair order
+            window = limit
+
+            def choose(seen: Sequence[Candidate], n: int) -> Sequence[Candidate]:
+                return seen[:n]
+
         view = (
-            sa.select(G.c.id, G.c.prefix_key, G.c.fair_key)
+            sa.select(G.c.id, G.c.prefix_key, G.c.fair_key, G.c.tenant, G.c.expires_at)
             .where(*runnable)
             .order_by(G.c.fair_key)
             .limit(max(window, limit))
             .with_for_update(skip_locked=True)
         )
         async with self._db.writer.begin() as conn:
-            seen = [Candidate(r[0], r[1], r[2]) for r in (await conn.execute(view)).all()]
-            chosen = [c.id for c in choose(seen, limit)] if seen else []
-            if not chosen:
+            seen = [Candidate(*r) for r in (await conn.execute(view)).all()]
+            picks = list(choose(seen, limit)) if seen else []
+            if not picks:
                 return []
+            picks = await self._earliest_first(conn, picks, runnable)
+            chosen = [c.id for c in picks]
             rows = (await conn.execute(take.where(G.c.id.in_(chosen)))).all()
         order = {gid: i for i, gid in enumerate(chosen)}
         recs = [codec.generation(r) for r in rows]
         recs.sort(key=lambda r: order[r.id])
         return recs
+
+    async def _earliest_first(
+        self,
+        conn: AsyncConnection,
+        picks: list[Candidate],
+        runnable: tuple[sa.ColumnElement[bool], ...],
+    ) -> list[Candidate]:
+        """Earliest deadline first inside each tenant's turns: a pick whose tenant has runnable
+        work due sooner (by more than :data:`EDF_SLACK`) is swapped for that work, which takes
+        the pick's fair key while the pick, left queued, takes its (later) one. Each tenant
+        keeps exactly the turns it had; only the order of its own work changes."""
+        dated = [c.deadline for c in picks if c.deadline is not None]
+        if not dated:
+            return picks
+        urgent_rows = (
+            await conn.execute(
+                sa.select(G.c.id, G.c.prefix_key, G.c.fair_key, G.c.tenant, G.c.expires_at)
+                .where(
+                    G.c.tenant.in_(sorted({c.tenant for c in picks})),
+                    *runnable,
+                    G.c.expires_at < max(dated) - EDF_SLACK,
+                    G.c.id.not_in([c.id for c in picks]),
+                )
+                .order_by(G.c.expires_at, G.c.fair_key)
+                .limit(len(picks))
+                .with_for_update(skip_locked=True)
+            )
+        ).all()
+        if not urgent_rows:
+            return picks
+        urgent: dict[str, list[Candidate]] = {}
+        for r in urgent_rows:
+            urgent.setdefault(r[3], []).append(Candidate(*r))
+        out = list(picks)
+        swaps: list[dict[str, Any]] = []
+        for tenant, sooner in urgent.items():
+            mine = [i for i, c in enumerate(out) if c.tenant == tenant and c.deadline is not None]
+            mine.sort(key=lambda i: out[i].deadline or utcnow(), reverse=True)
+            for i in mine:
+                pick = out[i]
+                if not sooner or pick.deadline is None:
+                    break
+                if sooner[0].deadline is None or sooner[0].deadline >= pick.deadline - EDF_SLACK:
+                    break
+                u = sooner.pop(0)
+                swaps.append({"b_id": pick.id, "b_key": u.fair_key})
+                swaps.append({"b_id": u.id, "b_key": pick.fair_key})
+                out[i] = Candidate(u.id, u.prefix_key, pick.fair_key, tenant, u.deadline)
+        if swaps:
+            await conn.execute(
+                G.update()
+                .where(G.c.id == sa.bindparam("b_id"))
+                .values(fair_key=sa.bindparam("b_key")),
+                swaps,
+            )
+        return out
 
     async def heartbeat(self, leases: Leases, lease_seconds: float) -> int:
         """Extend the leases still held (each generation under its own token); returns how
