@@ -188,6 +188,9 @@ class Settings(BaseSettings):
     # while a group or batch is expected to miss its deadline, each lane keeps deadline_trickle
     # background slots open even when realtime traffic holds background work back
     pace_window_seconds: float = Field(default=300.0, ge=10, le=86400)
+    # a tenant's work due within this many seconds runs before its later work (earliest first);
+    # deadlines further out leave the order to fairness and prefix runs
+    deadline_horizon_seconds: float = Field(default=3600.0, ge=0, le=30 * 86400)
     deadline_trickle: int = Field(default=1, ge=0, le=64)
 
     # webhooks

@@ -61,6 +61,7 @@ def worker_options(settings: Settings) -> WorkerOptions:
         prefix_warmup_seconds=settings.prefix_warmup_seconds,
         retention=retention_policy(settings),
         pace_window_seconds=settings.pace_window_seconds,
+        deadline_horizon_seconds=settings.deadline_horizon_seconds,
         deadline_trickle=settings.deadline_trickle,
     )
 

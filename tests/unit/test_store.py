@@ -484,3 +484,11 @@ async def test_equal_deadlines_keep_the_fair_order(store: Store) -> None:
     ids = [await submit(store, "t1") for _ in range(5)]
     got = await store.work.claim("w", [M], 5, 60)
     assert [g.id for g in got] == ids
+
+
+async def test_deadlines_beyond_the_horizon_leave_the_fair_order(store: Store) -> None:
+    """A 24 h group behind 72 h requests: nothing is due within the hour, no reordering."""
+    first = [await submit(store, "t1", expiry=72 * HOUR) for _ in range(3)]
+    await group(store, 2, "t1", expiry=24 * HOUR)
+    got = await store.work.claim("w", [M], 3, 60, horizon=HOUR)
+    assert [g.id for g in got] == first

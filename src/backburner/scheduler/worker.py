@@ -67,6 +67,7 @@ class WorkerOptions:
     prefix_fair_every: int = 16
     prefix_warmup_seconds: float = 2.0
     pace_window_seconds: float = 300.0
+    deadline_horizon_seconds: float = 3600.0
     deadline_trickle: int = 1
     # what maintenance deletes once it is old enough (store/retention.py); default: nothing
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
@@ -232,8 +233,12 @@ class Worker:
         fair order when they are off. Returns the token and what was claimed."""
         lease = self.lease_token()
         runs = self._lane_runs(lane)
+        horizon = self.opts.deadline_horizon_seconds
         if runs is None:
-            return lease, await self.store.work.claim(lease, models, n, self.opts.lease_seconds)
+            plain = await self.store.work.claim(
+                lease, models, n, self.opts.lease_seconds, horizon=horizon
+            )
+            return lease, plain
         picked: list[Candidate] = []
 
         allowed = self.engines.affinity(lane)
@@ -253,6 +258,7 @@ class Worker:
                 self.opts.lease_seconds,
                 choose=choose,
                 window=self.opts.prefix_window,
+                horizon=horizon,
             )
             return lease, claimed
         finally:  # picks the claim did not get are not running

@@ -11,7 +11,7 @@ clock (:meth:`Database.clock`), never a worker's.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -79,6 +79,7 @@ class Work:
         *,
         choose: Chooser | None = None,
         window: int = 0,
+        horizon: float = 3600.0,
     ) -> list[GenerationRecord]:
         """Atomically take up to ``limit`` runnable generations for ``models`` under the lease
         token ``lease`` (unique per claim: it fences this run's writes).
@@ -86,7 +87,8 @@ class Work:
         Plain: the first ``limit`` in fair order. With ``choose``: the first ``window`` in fair
         order are read (locked) and ``choose(window, limit)`` picks which to take, e.g. prefix
         runs (:mod:`backburner.scheduler.prefix_runs`). Then, inside each tenant's picks, work
-        due sooner goes first (:meth:`_earliest_first`). The records come back in pick order."""
+        due within ``horizon`` seconds goes first, sooner before later
+        (:meth:`_earliest_first`). The records come back in pick order."""
         models = list(models)
         if limit <= 0 or not models:
             return []
@@ -128,7 +130,8 @@ class Work:
             picks = list(choose(seen, limit)) if seen else []
             if not picks:
                 return []
-            picks = await self._earliest_first(conn, picks, runnable)
+            due = now + timedelta(seconds=horizon)
+            picks = await self._earliest_first(conn, picks, runnable, due)
             chosen = [c.id for c in picks]
             rows = (await conn.execute(take.where(G.c.id.in_(chosen)))).all()
         order = {gid: i for i, gid in enumerate(chosen)}
@@ -141,21 +144,25 @@ class Work:
         conn: AsyncConnection,
         picks: list[Candidate],
         runnable: tuple[sa.ColumnElement[bool], ...],
+        due: datetime,
     ) -> list[Candidate]:
         """Earliest deadline first inside each tenant's turns: a pick whose tenant has runnable
-        work due sooner (by more than :data:`EDF_SLACK`) is swapped for that work, which takes
-        the pick's fair key while the pick, left queued, takes its (later) one. Each tenant
-        keeps exactly the turns it had; only the order of its own work changes."""
+        work due before ``due`` and sooner than the pick (by more than :data:`EDF_SLACK`) is
+        swapped for that work, which takes the pick's fair key while the pick, left queued,
+        takes its (later) one. Each tenant keeps exactly the turns it had; only the order of
+        its own work changes. Deadlines past ``due`` are far enough to leave the order to
+        fairness and prefix runs (a 24 h batch and a 72 h group need no reordering now)."""
         dated = [c.deadline for c in picks if c.deadline is not None]
         if not dated:
             return picks
+        bound = min(max(dated) - EDF_SLACK, due)
         urgent_rows = (
             await conn.execute(
                 sa.select(G.c.id, G.c.prefix_key, G.c.fair_key, G.c.tenant, G.c.expires_at)
                 .where(
                     G.c.tenant.in_(sorted({c.tenant for c in picks})),
                     *runnable,
-                    G.c.expires_at < max(dated) - EDF_SLACK,
+                    G.c.expires_at < bound,
                     G.c.id.not_in([c.id for c in picks]),
                 )
                 .order_by(G.c.expires_at, G.c.fair_key)
