@@ -6,11 +6,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from backburner import __version__
 from backburner.api import errors
 from backburner.api.limits import BodyLimitMiddleware
+from backburner.api.params import lookup_safe
 from backburner.api.routes_batches import batches_router
 from backburner.api.routes_files import files_router
 from backburner.api.routes_group import group_router
@@ -63,6 +64,7 @@ def create_app(
         version=__version__,
         summary="The slow lane for LLM inference",
         lifespan=lifespan,
+        dependencies=[Depends(lookup_safe)],
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     errors.install(app)

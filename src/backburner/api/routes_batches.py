@@ -14,7 +14,7 @@ from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
 from backburner.api.state import AppState, app_state
 from backburner.errors import InvalidRequest, NotFound
 from backburner.schemas.batch import Batch, BatchCreate, BatchList, BatchRequestOutput
-from backburner.schemas.validation import check
+from backburner.schemas.validation import check, quoted
 from backburner.webhooks.delivery import UrlGuard
 
 
@@ -35,7 +35,7 @@ async def _create(payload: Any, tenant_id: str, ctx: AppState) -> dict[str, Any]
         f = await ctx.store.files.get(tenant_id, body.input_file_id)
     except NotFound:
         raise InvalidRequest(
-            f"input_file_id '{body.input_file_id}' is not a file of yours; upload one with"
+            f"input_file_id {quoted(body.input_file_id)} is not a file of yours; upload one with"
             " POST /v1/files (purpose=batch)",
             param="input_file_id",
         ) from None
@@ -45,7 +45,11 @@ async def _create(payload: Any, tenant_id: str, ctx: AppState) -> dict[str, Any]
             param="input_file_id",
         )
     if body.webhook_url:
-        await UrlGuard(ctx.webhook_targets).check(body.webhook_url)
+        try:
+            await UrlGuard(ctx.webhook_targets).check(body.webhook_url)
+        except InvalidRequest as exc:  # the guard names the field "url"; here it is webhook_url
+            said = exc.message.removeprefix("url ")
+            raise type(exc)(f"webhook_url {said}", param="webhook_url", code=exc.code) from exc
     batch = await ctx.store.batches.create(tenant_id, body)
     ctx.wake_batches()
     return batch.to_wire()

@@ -28,7 +28,11 @@ async def submit_group(kind: Kind, request: Request, tenant_id: str, ctx: AppSta
         return replayed
     problems, requests = validate_group(kind, body, ctx.engines.models)
     webhook_id = body.get("webhook_id") if isinstance(body, dict) else None
-    if isinstance(webhook_id, str) and not await ctx.store.webhooks.exists(tenant_id, webhook_id):
+    if (
+        isinstance(webhook_id, str)
+        and all(p.param != "webhook_id" for p in problems)  # one refused is never looked up
+        and not await ctx.store.webhooks.exists(tenant_id, webhook_id)
+    ):
         problems.append(
             Problem(
                 "webhook_id",

@@ -11,12 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backburner.core.clock import epoch
 from backburner.core.states import BATCH_FINISHED, BatchStatus, Kind
-from backburner.schemas.openai import MAX_CUSTOM_ID
+from backburner.schemas.openai import MAX_CUSTOM_ID, column_text
 from backburner.schemas.validation import (
     JsonValueError,
     Problem,
     check,
     load_json,
+    quoted,
     validate_request,
 )
 
@@ -42,11 +43,16 @@ class BatchCreate(BaseModel):
     metadata: dict[str, str] | None = None
     webhook_url: str | None = Field(default=None, min_length=1, max_length=2048)
 
+    @field_validator("input_file_id")
+    @classmethod
+    def _input_file_id(cls, v: str) -> str:
+        return str(column_text(v))
+
     @field_validator("completion_window")
     @classmethod
     def _window(cls, v: str) -> str:
         if v not in WINDOWS:
-            raise ValueError(f"'{v}' is not supported; the only completion_window is '24h'")
+            raise ValueError(f"{quoted(v)} is not supported; the only completion_window is '24h'")
         return v
 
     @field_validator("metadata")

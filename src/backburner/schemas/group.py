@@ -9,7 +9,12 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backburner.core.states import Kind
-from backburner.schemas.openai import SlowChatCompletionRequest, SlowCompletionRequest
+from backburner.schemas.openai import (
+    MAX_WEBHOOK_ID,
+    SlowChatCompletionRequest,
+    SlowCompletionRequest,
+    column_text,
+)
 
 MAX_GROUP_SIZE = 50
 SIZE_HINT = (
@@ -39,6 +44,11 @@ class _GroupBody(BaseModel):
         if isinstance(v, list) and len(v) > MAX_GROUP_SIZE:
             raise ValueError(f"has {len(v)} requests")
         return v
+
+    @field_validator("webhook_id", check_fields=False)
+    @classmethod
+    def _webhook_id(cls, v: str | None) -> str | None:
+        return column_text(v, MAX_WEBHOOK_ID)
 
 
 class GroupChatRequest(_GroupBody):

@@ -35,11 +35,14 @@ MAX_CUSTOM_ID = 512
 MAX_WEBHOOK_ID = 32
 
 
-def _stored_id(value: str | None, limit: int) -> str | None:
+def column_text(value: str | None, limit: int | None = None) -> str | None:
+    """``value`` when the store can keep it in a text column, or look it up by it, as it is: no
+    NUL (PostgreSQL refuses it in any text, a query included) and at most ``limit`` characters.
+    A field validator of every string that the store does not keep inside JSON."""
     if value is not None:
         if "\x00" in value:
             raise ValueError("must not contain NUL characters")
-        if len(value) > limit:
+        if limit is not None and len(value) > limit:
             raise ValueError(f"must be at most {limit} characters")
     return value
 
@@ -58,12 +61,12 @@ class RequestMetadata(BaseModel):
     @field_validator("custom_id")
     @classmethod
     def _custom_id(cls, value: str | None) -> str | None:
-        return _stored_id(value, MAX_CUSTOM_ID)
+        return column_text(value, MAX_CUSTOM_ID)
 
     @field_validator("webhook_id")
     @classmethod
     def _webhook_id(cls, value: str | None) -> str | None:
-        return _stored_id(value, MAX_WEBHOOK_ID)
+        return column_text(value, MAX_WEBHOOK_ID)
 
 
 class _Body(BaseModel):

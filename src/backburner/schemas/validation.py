@@ -34,6 +34,15 @@ class Problem:
         return f"{self.param}: {self.message}" if self.param else self.message
 
 
+def quoted(value: object, limit: int = 100) -> str:
+    """``value`` in quotes for a message, cut to ``limit`` characters: a problem with a huge
+    value is still a readable message."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"'{text}'"
+
+
 def join_path(prefix: str, loc: tuple[int | str, ...]) -> str:
     out = prefix
     for part in loc:
@@ -216,7 +225,7 @@ def _unserved(body: dict[str, Any], known_models: Collection[str], prefix: str) 
         return [
             Problem(
                 join_path(prefix, ("model",)),
-                f"model '{model}' is not served here; available models: {served}",
+                f"model {quoted(model)} is not served here; available models: {served}",
             )
         ]
     return []

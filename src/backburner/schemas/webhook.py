@@ -11,6 +11,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from backburner.core.clock import iso
 from backburner.schemas.events import EventName
+from backburner.schemas.openai import column_text
 
 ALL_EVENTS: tuple[str, ...] = tuple(e.value for e in EventName)
 
@@ -24,6 +25,11 @@ class WebhookCreate(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     events: list[EventName] | None = None
     enabled: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return column_text(v)
 
 
 class WebhookUpdate(BaseModel):
@@ -42,6 +48,11 @@ class WebhookUpdate(BaseModel):
         if v is None:  # only a value sent is checked: an absent key keeps its value
             raise ValueError("must not be null")
         return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return column_text(v)
 
 
 @dataclass(frozen=True, slots=True)

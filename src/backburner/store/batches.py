@@ -33,6 +33,7 @@ from backburner.schemas.batch import WINDOWS, BatchCreate, BatchRecord, BatchReq
 from backburner.schemas.files import FileRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of
+from backburner.store.codec import printable
 from backburner.store.queue import fair_keys
 from backburner.store.tables import batches, generations
 from backburner.store.terminal import Terminal
@@ -61,7 +62,7 @@ def result_line(kind: str, row: Any) -> bytes:
 
 
 def _not_found(batch_id: str, param: str = "batch_id") -> NotFound:
-    return NotFound(f"No batch with id '{batch_id}'.", param=param)
+    return NotFound(f"No batch with id '{printable(batch_id, 100)}'.", param=param)
 
 
 class Batches:

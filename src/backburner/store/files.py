@@ -20,6 +20,7 @@ from backburner.errors import Conflict, InvalidRequest, NotFound
 from backburner.schemas.files import FileRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of
+from backburner.store.codec import printable
 from backburner.store.idempotency import IdempotencyKeys
 from backburner.store.tables import batches, files
 
@@ -27,7 +28,9 @@ F = files
 
 
 def _not_found(file_id: str) -> NotFound:
-    return NotFound(f"No file with id '{file_id}'.", param="file_id", code="file_not_found")
+    return NotFound(
+        f"No file with id '{printable(file_id, 100)}'.", param="file_id", code="file_not_found"
+    )
 
 
 class Files:

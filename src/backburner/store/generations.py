@@ -97,7 +97,9 @@ class Generations:
                 )
             ).first()
         if row is None:
-            raise NotFound(f"No generation with id '{generation_id}'.", param="id")
+            raise NotFound(
+                f"No generation with id '{codec.printable(generation_id, 100)}'.", param="id"
+            )
         return codec.generation(row)
 
     async def count_by_state(self) -> dict[str, int]:

@@ -25,6 +25,7 @@ from backburner.schemas.generation import (
 )
 from backburner.store import codec
 from backburner.store.base import Database, one_of
+from backburner.store.codec import printable
 from backburner.store.idempotency import IdempotencyKeys
 from backburner.store.queue import TERMINAL_COLS, fair_keys, group_counts, new_rows
 from backburner.store.tables import generations, groups
@@ -34,7 +35,7 @@ G = generations
 
 
 def _not_found(group_id: str) -> NotFound:
-    return NotFound(f"No group with id '{group_id}'.", param="groupId")
+    return NotFound(f"No group with id '{printable(group_id, 100)}'.", param="groupId")
 
 
 def _not_cancellable(group_id: str, status: str) -> Conflict:

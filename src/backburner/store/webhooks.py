@@ -17,6 +17,7 @@ from backburner.errors import NotFound
 from backburner.schemas.webhook import ALL_EVENTS, WebhookRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of
+from backburner.store.codec import printable
 from backburner.store.tables import webhook_attempts, webhook_events, webhooks
 
 W = webhook_events
@@ -29,7 +30,7 @@ HELD_UNTIL = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 def _not_found(webhook_id: str) -> NotFound:
-    return NotFound(f"No webhook with id '{webhook_id}'.", param="id")
+    return NotFound(f"No webhook with id '{printable(webhook_id, 100)}'.", param="id")
 
 
 class Webhooks:
