@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from backburner.core.outcome import Outcome
+from backburner.core.states import State
 from backburner.errors import BackendRejected
 from backburner.store.tables import groups, webhooks
 from tests.conftest import FAKE_MODEL
@@ -444,3 +446,29 @@ async def test_big_group_does_not_starve_another_tenant(harness_factory: Any) ->
     b_id = single.json()["id"]
     claimed = await h.state.store.work.claim("test-worker", [FAKE_MODEL], 3, 30.0)
     assert b_id in {g.id for g in claimed}
+
+
+async def test_a_group_shows_its_expected_completion_at_its_tenants_pace(
+    harness_factory: Any,
+) -> None:
+    """Null while nothing has finished lately; once the tenant's work has a pace, the group's
+    remaining work at that pace; null again when it is done."""
+    h = await harness_factory(run_worker=False)
+    r = await h.client.post("/v1/slow/group/completions", json={"requests": many("completions", 4)})
+    gid = r.json()["groupId"]
+    summary = (await h.client.get(f"/v1/slow/group/{gid}")).json()
+    assert summary["expected_completion_at"] is None  # no pace measured yet
+    store = h.state.store
+    done = await store.work.claim("w", [FAKE_MODEL], 2, 60)
+    await store.work.finish(
+        {g.id: "w" for g in done},
+        [Outcome(g.id, State.SUCCESS, "Completed", {"choices": []}) for g in done],
+    )
+    h.state.ops_cache.pop("pace", None)
+    summary = (await h.client.get(f"/v1/slow/group/{gid}")).json()
+    eta = datetime.fromisoformat(summary["expected_completion_at"].replace("Z", "+00:00"))
+    # 2 finished in the pace window (an equal share of it), 2 left
+    assert eta > datetime.now(UTC)
+    full = (await h.client.get(f"/v1/slow/group/{gid}/generations")).json()
+    again = datetime.fromisoformat(full["expected_completion_at"].replace("Z", "+00:00"))
+    assert abs((again - eta).total_seconds()) < 5  # the same estimate, read a moment later

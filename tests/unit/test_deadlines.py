@@ -11,7 +11,7 @@ from prometheus_client import generate_latest
 from backburner.core.clock import utcnow
 from backburner.core.estimate import MIN_SAMPLES, Pace
 from backburner.core.outcome import Outcome
-from backburner.core.states import Kind, State
+from backburner.core.states import BatchStatus, Kind, State
 from backburner.schemas.generation import NewGeneration
 from backburner.store import Store
 from backburner.store.tables import generations
@@ -117,3 +117,39 @@ async def test_no_pace_at_all_counts_as_at_risk(sqlite_url: str, tmp_path: Any) 
 
 def _metrics(s: Any) -> str:
     return generate_latest(s.metrics.registry).decode()
+
+
+def test_a_batch_estimate_counts_its_lines_not_yet_finished() -> None:
+    from backburner.api.estimates import batch_eta
+    from backburner.schemas.batch import BatchRecord
+
+    def batch(status: str, total: int, completed: int, failed: int) -> BatchRecord:
+        return BatchRecord(
+            id="b",
+            tenant="t",
+            endpoint="/v1/chat/completions",
+            input_file_id="f",
+            completion_window="24h",
+            status=BatchStatus(status),
+            metadata=None,
+            webhook_url=None,
+            errors=None,
+            total=total,
+            completed=completed,
+            failed=failed,
+            pending=total - completed - failed,
+            loaded=total,
+            output_file_id=None,
+            error_file_id=None,
+            created_at=NOW,
+            expires_at=NOW + timedelta(days=1),
+        )
+
+    pace = Pace(100.0, {"t": 50})  # 0.5/s
+    eta = batch_eta(batch("in_progress", 100, 30, 20), pace)
+    assert eta is not None and 95 < (eta - utcnow()).total_seconds() <= 100
+    assert batch_eta(batch("completed", 100, 90, 10), pace) is None
+    assert batch_eta(batch("validating", 0, 0, 0), pace) is None
+    assert batch("in_progress", 1, 0, 0).to_wire(eta)["expected_completion_at"] == int(
+        eta.timestamp()
+    )

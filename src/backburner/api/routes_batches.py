@@ -7,7 +7,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from backburner.api import idempotency
+from backburner.api import estimates, idempotency
 from backburner.api.auth import tenant
 from backburner.api.bodies import inline_schema, json_body, read_json
 from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
@@ -63,9 +63,10 @@ async def list_batches(
 ) -> dict[str, Any]:
     rows = await ctx.store.batches.list(tenant_id, after=after, limit=limit + 1)
     page = rows[:limit]
+    p = await estimates.pace(ctx)
     return {
         "object": "list",
-        "data": [b.to_wire() for b in page],
+        "data": [b.to_wire(estimates.batch_eta(b, p)) for b in page],
         "first_id": page[0].id if page else None,
         "last_id": page[-1].id if page else None,
         "has_more": len(rows) > limit,
@@ -75,7 +76,8 @@ async def list_batches(
 async def get(
     batch_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
 ) -> dict[str, Any]:
-    return (await ctx.store.batches.get(tenant_id, batch_id)).to_wire()
+    b = await ctx.store.batches.get(tenant_id, batch_id)
+    return b.to_wire(estimates.batch_eta(b, await estimates.pace(ctx)))
 
 
 async def cancel(

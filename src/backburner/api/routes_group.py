@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from backburner.api import idempotency
+from backburner.api import estimates, idempotency
 from backburner.api.auth import tenant
 from backburner.api.bodies import json_body, read_json
 from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
@@ -116,7 +116,7 @@ def group_router(prefix: str) -> APIRouter:
         group_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> dict[str, Any]:
         group, gens = await ctx.store.groups.get(tenant_id, group_id, with_generations=True)
-        return group.to_wire(gens)
+        return group.to_wire(gens, estimates.group_eta(group, await estimates.pace(ctx)))
 
     @r.get(
         "/{group_id}",
@@ -129,7 +129,7 @@ def group_router(prefix: str) -> APIRouter:
         group_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> dict[str, Any]:
         group, _ = await ctx.store.groups.get(tenant_id, group_id)
-        return group.to_wire()
+        return group.to_wire(expected=estimates.group_eta(group, await estimates.pace(ctx)))
 
     @r.post(
         "/{group_id}/cancel",

@@ -100,7 +100,9 @@ class BatchRecord:
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self, expected: datetime | None = None) -> dict[str, Any]:
+        """The Batch object; ``expected`` is its expected completion (an extra field)."""
+
         def ts(v: datetime | None) -> int | None:
             return None if v is None else epoch(v)
 
@@ -130,6 +132,7 @@ class BatchRecord:
             },
             "metadata": self.metadata,
             "webhook_url": self.webhook_url,
+            "expected_completion_at": ts(expected),
         }
 
 
@@ -177,6 +180,9 @@ class Batch(BaseModel):
     request_counts: BatchRequestCounts
     metadata: dict[str, str] | None
     webhook_url: str | None
+    # extra: when its remaining work should be done at its tenant's recent pace (null: unknown
+    # or finished); docs/scheduling.md
+    expected_completion_at: int | None = None
 
 
 class BatchList(BaseModel):

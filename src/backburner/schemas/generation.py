@@ -103,7 +103,12 @@ class GroupRecord:
     completed_at: datetime | None = None
     counts: GroupCounts = field(default_factory=GroupCounts)
 
-    def to_wire(self, generations: list[GenerationRecord] | None = None) -> dict[str, Any]:
+    def to_wire(
+        self,
+        generations: list[GenerationRecord] | None = None,
+        expected: datetime | None = None,
+    ) -> dict[str, Any]:
+        """The Group object; ``expected`` is its expected completion (an extra field)."""
         out: dict[str, Any] = {
             "groupId": self.groupId,
             "object": "group",
@@ -112,6 +117,7 @@ class GroupRecord:
             "counts": self.counts.to_wire(),
             "createdAt": iso(self.created_at),
             "expiresAt": iso(self.expires_at),
+            "expected_completion_at": None if expected is None else iso(expected),
         }
         if self.metadata is not None:
             out["metadata"] = self.metadata
@@ -194,6 +200,9 @@ class Group(BaseModel):
     metadata: dict[str, Any] | SkipJsonSchema[None] = absent()
     webhook_id: str | SkipJsonSchema[None] = absent()
     completedAt: str | SkipJsonSchema[None] = absent()
+    # extra: when its remaining work should be done at its tenant's recent pace (null: unknown
+    # or finished); docs/scheduling.md
+    expected_completion_at: str | None = None
 
 
 class GroupWithGenerations(Group):
