@@ -64,7 +64,12 @@ Routes
 ------
 ``POST /v1/chat/completions``, ``POST /v1/completions`` (``stream`` with one SSE chunk per
 token, ``stream_options.include_usage``), ``GET /v1/models``, ``GET /metrics`` (Prometheus text,
-vLLM names with a ``model_name`` label), ``GET /health``, ``GET /stats`` (JSON counters).
+vLLM names with a ``model_name`` label), ``GET /health``, ``GET /stats`` (JSON counters),
+``GET /arrivals`` (the requests in the order they reached the engine, the last
+``record_arrivals`` of them: ``{"arrivals": [{"id", "head", "prompt_tokens", "cached_tokens"}]}``,
+where ``head`` is the key of the prompt's first full block, or of the whole prompt when it is
+shorter, so requests that share a system prompt share a head, and ``cached_tokens`` is the prompt
+tokens served from the prefix cache at the first admission, -1 before it).
 """
 
 from __future__ import annotations
@@ -121,6 +126,8 @@ class SimConfig:
     legacy_metric_names: bool = False
     time_scale: float = 1.0
     default_max_tokens: int = 64
+    #: how many of the latest arrivals ``GET /arrivals`` keeps (0: none)
+    record_arrivals: int = 100_000
 
     def __post_init__(self) -> None:
         if self.scheduling_policy not in ("fcfs", "priority"):
@@ -133,6 +140,8 @@ class SimConfig:
             raise ValueError("time_scale >= 0, batch_factor >= 1, prefix_cache_blocks >= 0")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be >= 1")
+        if self.record_arrivals < 0:
+            raise ValueError("record_arrivals must be >= 0")
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -240,6 +249,26 @@ def output_text(seed: int, start: int, stop: int) -> str:
 # Engine
 
 
+@dataclass(slots=True)
+class Arrival:
+    """One request as it reached the engine (``GET /arrivals``)."""
+
+    request_id: int
+    #: the key of the prompt's first full block, or a hash of the whole prompt when shorter
+    head: int
+    prompt_tokens: int
+    #: prompt tokens served from the prefix cache at the first admission; -1 before it
+    cached_tokens: int = -1
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.request_id,
+            "head": f"{self.head & _MASK64:016x}",
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
+
+
 @dataclass(eq=False)
 class SimRequest:
     """One sequence in the engine. ``generated`` only grows (preemption keeps the tokens)."""
@@ -258,6 +287,7 @@ class SimRequest:
     cached_tokens: int = 0
     preemptions: int = 0
     admitted_once: bool = False
+    arrival_record: Arrival | None = field(default=None, repr=False)
     _waiter: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @property
@@ -315,6 +345,8 @@ class SimEngine:
         self.steps = 0
         self.peak_running = 0
         self.peak_waiting = 0
+        #: the latest requests in the order they arrived (``config.record_arrivals`` of them)
+        self.arrivals: deque[Arrival] = deque(maxlen=config.record_arrivals)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -376,6 +408,10 @@ class SimEngine:
             seed=_mix(hash(tuple(prompt_tokens)) & _MASK64),
         )
         self.requests_received += 1
+        if self.config.record_arrivals:
+            head = req.block_keys[0] if req.block_keys else hash(tuple(prompt_tokens))
+            req.arrival_record = Arrival(req.request_id, head, len(prompt_tokens))
+            self.arrivals.append(req.arrival_record)
         self._push_waiting(req, front=False)
         self._work.set()
         return req
@@ -484,6 +520,8 @@ class SimEngine:
         if not req.admitted_once:
             req.cached_tokens = cached
             req.admitted_once = True
+            if req.arrival_record is not None:
+                req.arrival_record.cached_tokens = cached
         req.state = RUNNING
         self._running.append(req)
         self._kv_used += req.kv_held
@@ -740,6 +778,9 @@ class SimApp:
                 await self._respond(send, 200, b"", "text/plain")
             elif path == "/stats":
                 await self._respond(send, 200, _dumps(self.engine.stats()))
+            elif path == "/arrivals":
+                arrivals = [a.as_json() for a in self.engine.arrivals]
+                await self._respond(send, 200, _dumps({"arrivals": arrivals}))
             elif path in ("/v1/models", "/models"):
                 await self._respond(send, 200, _dumps(self._models()))
             else:
@@ -1064,6 +1105,13 @@ def main(argv: list[str] | None = None) -> None:
         "--time-scale", type=float, default=d.time_scale, help="multiplies every simulated duration"
     )
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens)
+    p.add_argument(
+        "--record-arrivals",
+        type=int,
+        default=d.record_arrivals,
+        metavar="N",
+        help="GET /arrivals lists the latest N requests in arrival order (0: none)",
+    )
     args = p.parse_args(argv)
 
     config = SimConfig(
@@ -1081,6 +1129,7 @@ def main(argv: list[str] | None = None) -> None:
         legacy_metric_names=args.legacy_metric_names,
         time_scale=args.time_scale,
         default_max_tokens=args.default_max_tokens,
+        record_arrivals=args.record_arrivals,
     )
     app, _ = build_app(config)
     sock = _listen(args.host, args.port)

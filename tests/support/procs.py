@@ -100,10 +100,16 @@ def start_upstream(
     *,
     latency_ms: float = 0.0,
     fail_first: int = 0,
+    fail_rate: float = 0.0,
+    fail_modes: Sequence[str] = (),
+    hang_seconds: float | None = None,
+    seed: int | None = None,
+    poison: bool = False,
     port: int | None = None,
     timeout: float = 20.0,
 ) -> Proc:
-    """Start ``tests/support/upstream.py`` on a free port and wait until it answers."""
+    """Start ``tests/support/upstream.py`` on a free port and wait until it answers (the
+    keywords are its options: see its docstring)."""
     port = port or free_port()
     argv = [
         sys.executable,
@@ -115,6 +121,16 @@ def start_upstream(
         "--fail-first",
         str(fail_first),
     ]
+    if fail_rate:
+        argv += ["--fail-rate", str(fail_rate)]
+    if fail_modes:
+        argv += ["--fail-modes", ",".join(fail_modes)]
+    if hang_seconds is not None:
+        argv += ["--hang-seconds", str(hang_seconds)]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    if poison:
+        argv.append("--poison")
     log_path = Path(log_dir) / f"upstream-{port}.log"
     proc = Proc(_spawn(argv, log_path, None), f"http://{LOOPBACK}:{port}", log_path, argv)
     wait_http(proc, "/v1/models", timeout)
@@ -140,10 +156,12 @@ def write_config(
     upstream_url: str | None = None,
     max_concurrency: int = 32,
     models: Sequence[str] = (UPSTREAM_MODEL,),
+    backend_options: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> Path:
     """A TOML config. With ``upstream_url`` one ``openai`` backend points at it; without, the
-    defaults apply (the embedded model). ``settings`` are top-level keys (``lease_seconds=2``)."""
+    defaults apply (the embedded model). ``settings`` are top-level keys (``lease_seconds=2``);
+    ``backend_options`` more keys of that backend (``{"timeout_seconds": 1.0}``)."""
     lines = [f"database_url = {_toml_value(database_url)}"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in settings.items()]
     if upstream_url is not None:
@@ -156,6 +174,7 @@ def write_config(
             f"models = {_toml_value(list(models))}",
             f"max_concurrency = {int(max_concurrency)}",
         ]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in (backend_options or {}).items()]
     path = Path(path)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -188,6 +207,21 @@ def start_serve(
     proc = Proc(_spawn(argv, log_path, env), f"http://{LOOPBACK}:{port}", log_path, argv)
     wait_http(proc, "/healthz", timeout)
     return proc
+
+
+def start_worker(
+    config: Path,
+    log_dir: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Proc:
+    """Start ``backburner worker --config CONFIG`` (no HTTP: ``base_url`` is empty). It is not
+    waited for: a test sees its work in the database."""
+    argv = backburner_argv("worker", "--config", str(config))
+    log_path = Path(log_dir) / "worker.log"  # appended to across restarts
+    with log_path.open("ab") as log:
+        log.write(f"\n===== {time.strftime('%H:%M:%S')} {' '.join(argv)}\n".encode())
+    return Proc(_spawn(argv, log_path, env), "", log_path, argv)
 
 
 def run_cli(*args: str, timeout: float = 60.0, env: Mapping[str, str] | None = None) -> str:

@@ -53,6 +53,8 @@ class Receiver:
         body = b""
         while True:
             msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return  # the sender went away mid-request (it was killed): nothing was delivered
             body += msg.get("body", b"")
             if not msg.get("more_body"):
                 break
