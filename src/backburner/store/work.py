@@ -207,7 +207,16 @@ class Work:
         async with self._db.writer.begin() as conn:
             res = await conn.execute(
                 G.update()
-                .where(_held(leases), G.c.state == State.IN_PROGRESS.value)
+                .where(
+                    G.c.id.in_(
+                        # rows a writer holds are being finished: never wait on them (a wait
+                        # here let this worker's other leases run out behind a slow write)
+                        sa.select(G.c.id)
+                        .where(_held(leases), G.c.state == State.IN_PROGRESS.value)
+                        .with_for_update(skip_locked=True)
+                        .scalar_subquery()
+                    )
+                )
                 .values(lease_expires_at=self._db.clock(lease_seconds))
             )
         return int(res.rowcount)
