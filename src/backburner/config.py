@@ -177,7 +177,7 @@ class Settings(BaseSettings):
     # prefix runs (docs/scheduling.md): a lane takes queued work from a window of the fair order
     # in runs of one prompt prefix, so the engine's prefix cache stays warm; false: fair order
     prefix_runs: bool = True
-    prefix_window: int = Field(default=64, ge=1, le=4096)
+    prefix_window: int = Field(default=256, ge=1, le=4096)
     # at most this many prefixes run side by side on one lane
     prefix_max_runs: int = Field(default=2, ge=1, le=64)
     # the head of the fair order is passed over at most this many times in a row

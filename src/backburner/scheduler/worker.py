@@ -62,7 +62,7 @@ class WorkerOptions:
     # prefix runs (scheduler/prefix_runs.py): claim from a window of the fair order in runs of
     # one prompt prefix; off: plain fair order
     prefix_runs: bool = True
-    prefix_window: int = 64
+    prefix_window: int = 256
     prefix_max_runs: int = 2
     prefix_fair_every: int = 16
     prefix_warmup_seconds: float = 2.0
