@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from backburner.core.retry import Backoff, should_retry
 from backburner.core.states import State, StateMessage
 from backburner.errors import BackendError, Preempted, ServiceUnavailable
 from backburner.metrics import Metrics
+from backburner.scheduler.deadlines import work_at_risk
 from backburner.scheduler.prefix_runs import PrefixRuns
 from backburner.schemas.generation import GenerationRecord
 from backburner.store import Store
@@ -476,34 +476,11 @@ class Worker:
         return recovered, expired
 
     async def check_deadlines(self) -> list[tuple[OpenWork, datetime | None]]:
-        """Which open groups and batches are expected to miss their deadline (None: no pace
-        measured, so at risk too): set the metrics, and keep a trickle of background slots
-        open on every lane while there are any."""
-        pace = await self.store.deadlines.pace(self.opts.pace_window_seconds)
-        now = utcnow()
-        risky: list[tuple[OpenWork, datetime | None]] = []
-        for work in await self.store.deadlines.open_work():
-            eta = pace.eta(work.tenant, work.remaining, now)
-            if eta is None or eta > work.deadline:
-                risky.append((work, eta))
-        for kind in ("group", "batch"):
-            self.metrics.at_risk.labels(kind).set(sum(1 for w, _ in risky if w.kind == kind))
-        self.metrics.at_risk_work.clear()
-        for work, eta in risky[:50]:
-            late = math.inf if eta is None else (eta - work.deadline).total_seconds()
-            self.metrics.at_risk_work.labels(work.kind, work.id).set(late)
-        trickle = self.opts.deadline_trickle if risky else 0
-        for lane in self.engines.lanes.values():
-            lane.set_trickle(trickle)
-        if risky and not self._at_risk:
-            log.warning(
-                "%d groups and batches may miss their deadline (first: %s %s); keeping %d"
-                " background slots open per lane",
-                len(risky),
-                risky[0][0].kind,
-                risky[0][0].id,
-                trickle,
-            )
+        """Work at risk of missing its deadline (:func:`work_at_risk`); metrics and the
+        trickle follow it."""
+        risky = await work_at_risk(
+            self.store, self.engines, self.metrics, self.opts, warn=not self._at_risk
+        )
         self._at_risk = bool(risky)
         return risky
 
