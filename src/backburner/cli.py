@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,16 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML config file (or set BACKBURNER_CONFIG)."),
 ]
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a long-lived service loop on uvloop where it is installed (as uvicorn does)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Settings:
@@ -111,7 +122,7 @@ def worker(
         finally:
             await services.close()
 
-    asyncio.run(main())
+    _run_loop(main())
 
 
 @keys_app.command("create")

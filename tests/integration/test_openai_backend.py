@@ -1,14 +1,17 @@
-"""OpenAIBackend against an httpx.MockTransport: URLs, auth header, error mapping, streaming;
-and Engines's upstream body (metadata stripped, model alias mapped)."""
+"""OpenAIBackend against a real loopback server whose answers a test scripts as httpx objects:
+URLs, auth header, error mapping, streaming, connection reuse, transport faults; and Engines's
+upstream body (metadata stripped, model alias mapped)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from backburner.backends.base import upstream_body
 from backburner.backends.engines import Engines
@@ -17,9 +20,14 @@ from backburner.config import BackendSettings
 from backburner.core.states import Kind
 from backburner.errors import BackendRejected, BackendRetryable, InvalidRequest
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 OK = {"id": "chatcmpl-1", "object": "chat.completion", "model": "m", "choices": []}
+HOP_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+
+
+class Drop(Exception):
+    """Raised by a handler: the server closes the connection without answering."""
 
 
 class Recorder:
@@ -27,9 +35,71 @@ class Recorder:
         self.requests: list[httpx.Request] = []
         self.handler = handler or (lambda req: httpx.Response(200, json=OK))
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
-        return self.handler(request)
+        answer = self.handler(request)
+        if isinstance(answer, httpx.Response):
+            return answer
+        return await answer
+
+
+class Upstream:
+    """A loopback aiohttp server standing in for engines at ``http://up.test``: each backend a
+    test makes gets its own path prefix and handler. A request reaches its handler as an
+    ``httpx.Request`` with the URL the backend meant (``http://up.test/...``), and the handler's
+    ``httpx.Response`` is sent back."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+        self.connections: set[Any] = set()  # client (host, port) of every request: one per socket
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{prefix}/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def base_url(self, meant: str, handler: Handler) -> str:
+        """Where to send what is meant for ``meant`` (an ``http://up.test...`` URL)."""
+        prefix = f"b{len(self.handlers)}"
+        self.handlers[prefix] = handler
+        return meant.replace("http://up.test", f"http://127.0.0.1:{self.port}/{prefix}", 1)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        self.connections.add(request.transport.get_extra_info("peername"))
+        prefix = request.match_info["prefix"]
+        sent = httpx.Request(
+            request.method,
+            "http://up.test" + request.path_qs.removeprefix("/" + prefix),
+            headers=dict(request.headers),
+            content=await request.read(),
+        )
+        try:
+            answer = self.handlers[prefix](sent)
+            resp = answer if isinstance(answer, httpx.Response) else await answer
+        except Drop:
+            request.transport.close()
+            raise
+        headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
+        return web.Response(status=resp.status_code, body=resp.content, headers=headers)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    server = Upstream()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 def settings(**kw: Any) -> BackendSettings:
@@ -44,11 +114,14 @@ def settings(**kw: Any) -> BackendSettings:
 
 
 @pytest.fixture
-async def make() -> AsyncIterator[Callable[..., Any]]:
+async def make(upstream: Upstream) -> AsyncIterator[Callable[..., Any]]:
+    """A started backend whose engine (``base_url``, ``http://up.test/v1`` unless given) is
+    played by ``handler`` on ``upstream``."""
     started: list[OpenAIBackend] = []
 
-    async def factory(handler: Handler | Recorder, **kw: Any) -> OpenAIBackend:
-        b = OpenAIBackend(settings(**kw), transport=httpx.MockTransport(handler))
+    async def factory(handler: Handler, **kw: Any) -> OpenAIBackend:
+        kw["base_url"] = upstream.base_url(kw.get("base_url", "http://up.test/v1"), handler)
+        b = OpenAIBackend(settings(**kw))
         await b.start()
         started.append(b)
         return b
@@ -99,7 +172,7 @@ async def test_base_url_required() -> None:
 
 
 async def test_not_started_is_an_error() -> None:
-    b = OpenAIBackend(settings(), transport=httpx.MockTransport(Recorder()))
+    b = OpenAIBackend(settings())
     with pytest.raises(RuntimeError, match="not started"):
         await b.run(Kind.CHAT, CHAT_BODY)
 
@@ -150,25 +223,43 @@ async def test_rejected_non_json_body(make: Any) -> None:
     assert "not here" in exc.value.message and exc.value.body is None
 
 
-@pytest.mark.parametrize(
-    ("error", "says"),
-    [
-        (httpx.ReadTimeout, "timeout"),
-        (httpx.ConnectTimeout, "timeout"),
-        (httpx.ConnectError, "connection"),
-        (httpx.RemoteProtocolError, "connection"),
-    ],
-)
-async def test_transport_errors_are_retryable(make: Any, error: type[Exception], says: str) -> None:
-    def boom(request: httpx.Request) -> httpx.Response:
-        raise error("failed", request=request)  # type: ignore[call-arg]
+async def _hang(request: httpx.Request) -> httpx.Response:
+    await asyncio.sleep(5)
+    return httpx.Response(200, json=OK)
 
-    b = await make(boom)
+
+def _drop(request: httpx.Request) -> httpx.Response:
+    raise Drop
+
+
+@pytest.mark.parametrize(("fault", "says"), [(_hang, "timeout"), (_drop, "connection")])
+async def test_transport_faults_are_retryable(make: Any, fault: Handler, says: str) -> None:
+    b = await make(fault, timeout_seconds=0.2)
     with pytest.raises(BackendRetryable, match=says):
         await b.run(Kind.CHAT, CHAT_BODY)
     with pytest.raises(BackendRetryable, match=says):
         async for _ in b.stream(Kind.CHAT, {**CHAT_BODY, "stream": True}):
             pass
+
+
+async def test_unreachable_engine_is_retryable(make: Any) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    b = OpenAIBackend(settings(base_url=f"http://127.0.0.1:{port}/v1"))
+    await b.start()
+    try:
+        with pytest.raises(BackendRetryable, match="connection"):
+            await b.run(Kind.CHAT, CHAT_BODY)
+        with pytest.raises(BackendRetryable, match="connection"):
+            async for _ in b.stream(Kind.CHAT, {**CHAT_BODY, "stream": True}):
+                pass
+        with pytest.raises(BackendRetryable, match="unreachable"):
+            await b.check()
+    finally:
+        await b.close()
 
 
 @pytest.mark.parametrize("content", [b"not json", b"[1, 2]"])
@@ -225,6 +316,40 @@ async def test_stream_error_status(make: Any) -> None:
     with pytest.raises(BackendRetryable, match="gateway"):
         async for _ in b5.stream(Kind.CHAT, CHAT_BODY):
             pass
+
+
+def _stream_of(*chunks: dict[str, Any], crlf: bool = False) -> Handler:
+    end = "\r\n" if crlf else "\n"
+    body = "".join(f"data: {json.dumps(c)}{end}{end}" for c in chunks) + f"data: [DONE]{end}{end}"
+    return lambda r: httpx.Response(
+        200, content=body.encode(), headers={"content-type": "text/event-stream"}
+    )
+
+
+async def test_stream_crlf_and_long_events(make: Any) -> None:
+    big = {"choices": [{"delta": {"content": "x" * 300_000}}]}  # above aiohttp's line buffer
+    b = await make(_stream_of({"n": 1}, big, crlf=True))
+    chunks = [c async for c in b.stream(Kind.CHAT, {**CHAT_BODY, "stream": True})]
+    assert chunks == [{"n": 1}, big]
+
+
+async def test_stream_raw_passes_the_data_as_sent(make: Any) -> None:
+    b = await make(_stream_of({"a": 1}, {"b": [2]}))
+    got = [d async for d in b.stream_raw(Kind.CHAT, {**CHAT_BODY, "stream": True})]
+    assert got == [b'{"a": 1}', b'{"b": [2]}']
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_connections_are_reused(make: Any, upstream: Upstream, streamed: bool) -> None:
+    """Sequential requests share one kept-alive connection, streamed ones included (the
+    stream is read to its end after ``[DONE]``, so the connection goes back to the pool)."""
+    b = await make(_stream_of({"n": 1}) if streamed else Recorder())
+    for _ in range(20):
+        if streamed:
+            assert [c async for c in b.stream(Kind.CHAT, CHAT_BODY)] == [{"n": 1}]
+        else:
+            await b.run(Kind.CHAT, CHAT_BODY)
+    assert len(upstream.connections) == 1
 
 
 # ---------------------------------------------------------------- router

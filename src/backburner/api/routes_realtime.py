@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
@@ -33,7 +34,7 @@ from backburner.schemas.validation import validate_request
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
 
 def _sse_response(events: AsyncIterator[bytes], **headers: str) -> StreamingResponse:
@@ -72,7 +73,7 @@ async def _stream(
     started = utcnow()
     notify = metadata_webhook_id(body) is not None
     keep = notify or key is not None
-    chunks = ctx.engines.stream_realtime(kind, body)
+    chunks = ctx.engines.stream_realtime_raw(kind, body)
     try:
         first = await anext(chunks)  # errors before the first chunk get a proper status
     except StopAsyncIteration:
@@ -85,17 +86,17 @@ async def _stream(
         raise
 
     async def events() -> AsyncIterator[bytes]:
-        seen: list[dict[str, Any]] = [first] if first is not None else []
+        seen: list[bytes] = [first] if first is not None and keep else []
         error: str | None = None
         ended = False
         try:
             try:
                 if first is not None:
-                    yield _sse(first)
-                async for chunk in chunks:
+                    yield b"data: " + first + b"\n\n"
+                async for data in chunks:
                     if keep:
-                        seen.append(chunk)
-                    yield _sse(chunk)
+                        seen.append(data)
+                    yield b"data: " + data + b"\n\n"
             except BackendError as exc:
                 error = exc.message
                 yield _sse({"error": {"message": exc.message, "type": exc.error_type}})
@@ -104,7 +105,9 @@ async def _stream(
             yield b"data: [DONE]\n\n"
             ended = True
         finally:
-            folded = None if error or not ended else fold_chunks(seen, chat=kind is Kind.CHAT)
+            folded = None
+            if keep and not error and ended:
+                folded = fold_chunks([orjson.loads(c) for c in seen], chat=kind is Kind.CHAT)
             if key is not None:
                 if folded is None:
                     await idempotency.drop(ctx, tenant_id, key)
@@ -173,8 +176,11 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, ctx: AppState) 
         async def run() -> dict[str, Any]:
             return await _run_and_notify(ctx, tenant_id, kind, body)
 
-        answer: Response = await idempotency.once(ctx, tenant_id, request, raw, run)
-        return answer
+        answer = await idempotency.once(ctx, tenant_id, request, raw, run)
+        if isinstance(answer, Response):
+            return answer
+        # the engine's answer as it came (only the model renamed): no response-model pass
+        return Response(orjson.dumps(answer), media_type="application/json")
     except BackendError:
         status = "error"
         raise

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpx
+import orjson
 
 from backburner.backends.admission import AdmissionController, AdmissionOptions
 from backburner.backends.base import JSON, Backend, upstream_body
@@ -26,6 +28,8 @@ from backburner.config import BackendSettings
 from backburner.core.prefix import prefix_key
 from backburner.core.states import Kind
 from backburner.errors import BackendError, InvalidRequest
+
+_T = TypeVar("_T")
 
 #: an owner more loaded than this times its group's mean (plus one) lets others take its work
 AFFINITY_LOAD_FACTOR = 1.25
@@ -269,18 +273,47 @@ class Engines:
             r.lane.realtime_finished()
 
     async def stream_realtime(self, kind: Kind, body: JSON) -> AsyncGenerator[JSON, None]:
+        """The engine's chunks, each naming the model as the client did."""
         model = str(body["model"])
         r, engine_model = self.pick(body)
-        ticket: RealtimeTicket = r.lane.realtime_started()
-        first = True
-        try:
-            async for chunk in r.backend.stream(kind, upstream_body(body, engine_model)):
-                if first:
-                    first = False
-                    r.lane.observe_realtime(ticket, "ttft", time.monotonic() - ticket.started)
-                yield self._public(chunk, model)
-        except BackendError as exc:
-            r.lane.observe_error(exc)
-            raise
-        finally:
-            r.lane.realtime_finished()
+        chunks = r.backend.stream(kind, upstream_body(body, engine_model))
+        async for chunk in _observed(r.lane, chunks):
+            yield self._public(chunk, model)
+
+    async def stream_realtime_raw(self, kind: Kind, body: JSON) -> AsyncGenerator[bytes, None]:
+        """The engine's chunks as JSON text. Passed through as the engine sent them where it
+        can stream them so and knows the model by the client's name (nothing to rewrite);
+        otherwise parsed, renamed and encoded again."""
+        model = str(body["model"])
+        r, engine_model = self.pick(body)
+        raw: RawStream | None = getattr(r.backend, "stream_raw", None)
+        if raw is None or engine_model != model:
+            chunks = r.backend.stream(kind, upstream_body(body, engine_model))
+            async for chunk in _observed(r.lane, chunks):
+                yield orjson.dumps(self._public(chunk, model))
+            return
+        async for data in _observed(r.lane, raw(kind, upstream_body(body, engine_model))):
+            yield data
+
+
+RawStream = Callable[[Kind, JSON], AsyncIterator[bytes]]
+
+
+async def _observed(lane: Lane, source: AsyncIterator[_T]) -> AsyncGenerator[_T, None]:
+    """``source`` counted as a realtime request on ``lane``, its first chunk timed (TTFT)."""
+    ticket: RealtimeTicket = lane.realtime_started()
+    first = True
+    try:
+        async for item in source:
+            if first:
+                first = False
+                lane.observe_realtime(ticket, "ttft", time.monotonic() - ticket.started)
+            yield item
+    except BackendError as exc:
+        lane.observe_error(exc)
+        raise
+    finally:
+        lane.realtime_finished()
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,12 +1,18 @@
-"""Any OpenAI-compatible server: vLLM, SGLang, llama.cpp server, Ollama, OpenAI, inference.net."""
+"""Any OpenAI-compatible server: vLLM, SGLang, llama.cpp server, Ollama, OpenAI, inference.net.
+
+The upstream client is aiohttp: its connection pool hands out a kept-alive connection without
+scanning the pool on every request (httpx/httpcore checks each pooled connection's socket per
+request, which was the largest single cost of a passthrough), and JSON goes through orjson.
+"""
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
+import orjson
 
 from backburner.backends.base import JSON
 from backburner.config import BackendSettings
@@ -19,11 +25,16 @@ PATHS = {
     Kind.EMBEDDING: "embeddings",
 }
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+JSON_HEADERS = {"Content-Type": "application/json"}
+# what a stream may still send after ``data: [DONE]`` and be read to its end (so the connection
+# goes back to the pool); more than this, and the connection is closed instead
+AFTER_DONE_BYTES = 64 * 1024
+MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
-def _error_message(resp: httpx.Response, text: str) -> str:
+def _error_message(status: int, reason: str, text: str) -> str:
     try:
-        body = json.loads(text)
+        body = orjson.loads(text)
     except ValueError:
         body = None
     msg = None
@@ -34,48 +45,61 @@ def _error_message(resp: httpx.Response, text: str) -> str:
         elif isinstance(err, str):
             msg = err
         msg = msg or body.get("message") or body.get("detail")
-    return f"upstream HTTP {resp.status_code}: {msg or text[:500] or resp.reason_phrase}"
+    return f"upstream HTTP {status}: {msg or text[:500] or reason}"
 
 
-def error_for(resp: httpx.Response, text: str) -> BackendError:
-    msg = _error_message(resp, text)
+def error_for(status: int, text: str, reason: str = "") -> BackendError:
+    msg = _error_message(status, reason, text)
     try:
-        body: Any = json.loads(text)
+        body: Any = orjson.loads(text)
     except ValueError:
         body = None
-    if resp.status_code >= 500 or resp.status_code in RETRYABLE_STATUS:
-        return BackendRetryable(msg, upstream_status=resp.status_code, body=body)
-    return BackendRejected(msg, upstream_status=resp.status_code, body=body)
+    if status >= 500 or status in RETRYABLE_STATUS:
+        return BackendRetryable(msg, upstream_status=status, body=body)
+    return BackendRejected(msg, upstream_status=status, body=body)
+
+
+def _transport_error(exc: BaseException) -> BackendRetryable:
+    if isinstance(exc, asyncio.TimeoutError):  # aiohttp's timeouts derive from it
+        return BackendRetryable(f"upstream timeout: {type(exc).__name__}")
+    return BackendRetryable(f"upstream connection error: {exc!r}")
+
+
+TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+async def _error_from(resp: aiohttp.ClientResponse) -> BackendError:
+    text = (await resp.read()).decode("utf-8", "replace")
+    return error_for(resp.status, text, resp.reason or "")
 
 
 class OpenAIBackend:
-    def __init__(
-        self, settings: BackendSettings, *, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, settings: BackendSettings) -> None:
         if not settings.base_url:
             raise ValueError(f"backend '{settings.name}': type 'openai' needs base_url")
         self.name = settings.name
         self._settings = settings
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-        self._background: httpx.AsyncClient | None = None
+        self._base = settings.base_url.rstrip("/") + "/"
+        self._client: aiohttp.ClientSession | None = None
+        self._background: aiohttp.ClientSession | None = None
 
-    def _new_client(self) -> httpx.AsyncClient:
+    def _new_client(self) -> aiohttp.ClientSession:
         s = self._settings
         headers = {}
         if s.api_key is not None:
             headers["Authorization"] = f"Bearer {s.api_key.get_secret_value()}"
-        return httpx.AsyncClient(
-            base_url=(s.base_url or "").rstrip("/") + "/",
+        return aiohttp.ClientSession(
             headers=headers,
-            timeout=httpx.Timeout(s.timeout_seconds, connect=10.0),
-            limits=httpx.Limits(
-                # a larger pool only costs time (httpcore scans it on every request)
-                max_connections=s.max_concurrency,
-                max_keepalive_connections=s.max_concurrency,
+            # ``timeout_seconds`` bounds each wait for the engine's next bytes, not the whole
+            # answer (a long generation streams for minutes)
+            timeout=aiohttp.ClientTimeout(total=None, connect=10.0, sock_read=s.timeout_seconds),
+            connector=aiohttp.TCPConnector(
+                limit=s.max_concurrency, limit_per_host=0, keepalive_timeout=30.0
             ),
-            transport=self._transport,
-            follow_redirects=False,
+            auto_decompress=True,
+            raise_for_status=False,
+            trust_env=False,
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
         )
 
     async def start(self) -> None:
@@ -86,12 +110,12 @@ class OpenAIBackend:
             self._background = self._new_client()
 
     @property
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> aiohttp.ClientSession:
         if self._client is None:
             raise RuntimeError(f"backend '{self.name}' is not started")
         return self._client
 
-    def _pool(self, background: bool) -> httpx.AsyncClient:
+    def _pool(self, background: bool) -> aiohttp.ClientSession:
         if background and self._background is not None:
             return self._background
         return self.client
@@ -99,31 +123,35 @@ class OpenAIBackend:
     async def close(self) -> None:
         for client in (self._client, self._background):
             if client is not None:
-                await client.aclose()
+                await client.close()
         self._client = self._background = None
 
     async def check(self) -> None:
         try:
-            resp = await self.client.get("models", timeout=5.0)
-        except httpx.HTTPError as exc:
+            async with self.client.get(
+                self._base + "models", timeout=aiohttp.ClientTimeout(total=5.0)
+            ) as resp:
+                await resp.read()
+        except TRANSPORT_ERRORS as exc:
             raise BackendRetryable(f"backend '{self.name}' unreachable: {exc!r}") from exc
-        if resp.status_code >= 500:
-            raise BackendRetryable(f"backend '{self.name}' answered {resp.status_code}")
+        if resp.status >= 500:
+            raise BackendRetryable(f"backend '{self.name}' answered {resp.status}")
 
     async def run(self, kind: Kind, body: JSON, *, background: bool = False) -> JSON:
         priority = self._settings.background_priority
         if background and priority is not None and kind is not Kind.EMBEDDING:
             body = {**body, "priority": priority}
         try:
-            resp = await self._pool(background).post(PATHS[kind], json=body)
-        except httpx.TimeoutException as exc:
-            raise BackendRetryable(f"upstream timeout: {type(exc).__name__}") from exc
-        except httpx.TransportError as exc:
-            raise BackendRetryable(f"upstream connection error: {exc!r}") from exc
-        if resp.status_code >= 400:
-            raise error_for(resp, resp.text)
+            async with self._pool(background).post(
+                self._base + PATHS[kind], data=orjson.dumps(body), headers=JSON_HEADERS
+            ) as resp:
+                if resp.status >= 400:
+                    raise await _error_from(resp)
+                content = await resp.read()
+        except TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc) from exc
         try:
-            data = resp.json()
+            data = orjson.loads(content)
         except ValueError as exc:
             raise BackendRetryable("upstream answered with invalid JSON") from exc
         if not isinstance(data, dict):
@@ -131,20 +159,55 @@ class OpenAIBackend:
         return data
 
     async def stream(self, kind: Kind, body: JSON) -> AsyncIterator[JSON]:
+        async for data in self.stream_raw(kind, body):
+            yield orjson.loads(data)
+
+    async def stream_raw(self, kind: Kind, body: JSON) -> AsyncIterator[bytes]:
+        """The ``data:`` payloads of the engine's event stream as sent (JSON text), up to
+        ``[DONE]``; the rest of the body is then read so the connection can be kept."""
         try:
-            async with self.client.stream("POST", PATHS[kind], json=body) as resp:
-                if resp.status_code >= 400:
-                    text = (await resp.aread()).decode("utf-8", "replace")
-                    raise error_for(resp, text)
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
+            async with self.client.post(
+                self._base + PATHS[kind], data=orjson.dumps(body), headers=JSON_HEADERS
+            ) as resp:
+                if resp.status >= 400:
+                    raise await _error_from(resp)
+                async for line in _lines(resp):
+                    if not line.startswith(b"data:"):
                         continue
                     data = line[5:].strip()
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
+                        await _finish(resp)
                         return
                     if data:
-                        yield json.loads(data)
-        except httpx.TimeoutException as exc:
-            raise BackendRetryable(f"upstream timeout: {type(exc).__name__}") from exc
-        except httpx.TransportError as exc:
-            raise BackendRetryable(f"upstream connection error: {exc!r}") from exc
+                        yield data
+        except TRANSPORT_ERRORS as exc:
+            raise _transport_error(exc) from exc
+
+
+async def _lines(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body's lines as they arrive (any length up to ``MAX_LINE_BYTES``)."""
+    pending = bytearray()
+    async for chunk in resp.content.iter_any():
+        pending += chunk
+        end = pending.rfind(b"\n")
+        if end < 0:
+            if len(pending) > MAX_LINE_BYTES:
+                raise BackendRetryable(f"upstream sent an event over {MAX_LINE_BYTES} bytes")
+            continue
+        lines = bytes(pending[:end]).split(b"\n")
+        del pending[: end + 1]
+        for line in lines:
+            yield line
+    if pending:
+        yield bytes(pending)
+
+
+async def _finish(resp: aiohttp.ClientResponse) -> None:
+    """Read what follows ``[DONE]`` (normally nothing) so the connection is reused."""
+    left = AFTER_DONE_BYTES
+    while left > 0:
+        chunk = await resp.content.readany()
+        if not chunk:
+            return
+        left -= len(chunk)
+    resp.close()
