@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=1.0, ge=0)
     retry_cap_seconds: float = Field(default=60.0, ge=0)
     maintenance_interval_seconds: float = Field(default=5.0, gt=0)
+    # a lane claims up to this many more than it has free slots (at most its window, and about
+    # 0.1 s of its recent starts) and starts them as slots free up, without a claim each; one
+    # that waited claim_ahead_seconds is given back to the queue (0: claim only for free slots)
+    claim_ahead: int = Field(default=32, ge=0, le=1024)
+    claim_ahead_seconds: float = Field(default=2.0, gt=0, le=3600)
     # prefix runs (docs/scheduling.md): a lane takes queued work from a window of the fair order
     # in runs of one prompt prefix, so the engine's prefix cache stays warm; false: fair order
     prefix_runs: bool = True

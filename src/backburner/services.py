@@ -52,6 +52,8 @@ def worker_options(settings: Settings) -> WorkerOptions:
         max_lost_leases=settings.max_lost_leases,
         lease_seconds=settings.lease_seconds,
         poll_interval=settings.poll_interval_seconds,
+        claim_ahead=settings.claim_ahead,
+        claim_ahead_seconds=settings.claim_ahead_seconds,
         maintenance_interval=settings.maintenance_interval_seconds,
         backoff=Backoff(settings.retry_base_seconds, settings.retry_cap_seconds),
         prefix_runs=settings.prefix_runs,

@@ -24,6 +24,7 @@ the worker reports :meth:`finished`.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,21 +50,30 @@ class PrefixRuns:
         for p, (_, since) in list(self.warming.items()):
             if now - since >= self.warmup_seconds:
                 del self.warming[p]
-        left = list(window)
+        # each prefix's places in the window, in fair order: the next of a run is its first
+        by_key: dict[str | None, deque[int]] = {}
+        for i, c in enumerate(window):
+            by_key.setdefault(c.prefix_key, deque()).append(i)
+        taken_at: set[int] = set()
         taken: list[Candidate] = []
-        while len(taken) < n and left:
-            pick = self._from_runs(left) if self.bypassed < self.fair_every else None
-            if pick is None:
-                pick = left[0] if self.bypassed >= self.fair_every else self._head(left)
-                if pick is None:
+        head = 0  # the first place not taken
+        while len(taken) < n and head < len(window):
+            at = self._from_runs(by_key) if self.bypassed < self.fair_every else None
+            if at is None:
+                at = (
+                    head if self.bypassed >= self.fair_every else self._head(window, head, taken_at)
+                )
+                if at is None:
                     break
-                self._start(pick.prefix_key)
-            self.bypassed = 0 if pick is left[0] else self.bypassed + 1
-            left.remove(pick)
-            taken.append(pick)
+                self._start(window[at].prefix_key)
+            self.bypassed = 0 if at == head else self.bypassed + 1
+            by_key[window[at].prefix_key].popleft()  # ``at`` is always its prefix's first
+            taken_at.add(at)
+            taken.append(window[at])
+            while head in taken_at:
+                head += 1
         # a run with no siblings left in view has ended
-        rest = {c.prefix_key for c in left}
-        self.runs = [r for r in self.runs if r in rest or r in self.warming]
+        self.runs = [r for r in self.runs if by_key.get(r) or r in self.warming]
         return taken
 
     def finished(self, prefix_key: str | None) -> None:
@@ -78,20 +88,21 @@ class PrefixRuns:
         else:
             self.warming[prefix_key] = (held[0] - 1, held[1])
 
-    def _from_runs(self, left: list[Candidate]) -> Candidate | None:
+    def _from_runs(self, by_key: dict[str | None, deque[int]]) -> int | None:
         for run in self.runs:
             if run in self.warming:
                 continue
-            for c in left:
-                if c.prefix_key == run:
-                    return c
+            places = by_key.get(run)
+            if places:
+                return places[0]
         return None
 
-    def _head(self, left: list[Candidate]) -> Candidate | None:
-        """The first in fair order that does not have to wait for its prefix to warm up."""
-        for c in left:
-            if c.prefix_key is None or c.prefix_key not in self.warming:
-                return c
+    def _head(self, window: Sequence[Candidate], head: int, taken_at: set[int]) -> int | None:
+        """The first place in fair order whose prefix does not have to warm up first."""
+        for at in range(head, len(window)):
+            key = window[at].prefix_key
+            if at not in taken_at and (key is None or key not in self.warming):
+                return at
         return None
 
     def _start(self, prefix_key: str | None) -> None:

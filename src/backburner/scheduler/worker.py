@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -24,27 +25,21 @@ from backburner.core.clock import utcnow
 from backburner.core.estimate import OpenWork
 from backburner.core.ids import lease_owner_id, new_id
 from backburner.core.outcome import Outcome
-from backburner.core.prefix import Candidate
 from backburner.core.retry import Backoff, should_retry
 from backburner.core.states import State, StateMessage
-from backburner.errors import BackendError, Preempted, ServiceUnavailable
+from backburner.errors import BackendError, Preempted
 from backburner.metrics import Metrics
+from backburner.scheduler.ahead import ClaimAhead, Ready
+from backburner.scheduler.claims import claim
 from backburner.scheduler.deadlines import work_at_risk
 from backburner.scheduler.prefix_runs import PrefixRuns
+from backburner.scheduler.recorder import Recorder
 from backburner.schemas.generation import GenerationRecord
 from backburner.store import Store
-from backburner.store.codec import Unstorable, printable
 from backburner.store.retention import BlobRemover, RetentionPolicy
 
 log = logging.getLogger("backburner.worker")
-
-
-def _said(exc: Exception) -> str:
-    """What an error says, for a message: the reason of an :class:`Unstorable`, else the first
-    line of the error (a database error's later lines quote the statement and its values)."""
-    if isinstance(exc, Unstorable):
-        return exc.reason
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+WRITER_BUSY_SECONDS = 0.1
 
 
 @dataclass
@@ -57,7 +52,15 @@ class WorkerOptions:
     maintenance_interval: float = 5.0
     backoff: Backoff = field(default_factory=Backoff)
     claim_size: int = 64
+    # claim up to this many more than a lane has free slots (at most its window, and about 0.1 s
+    # of its recent starts), to start them as slots free up; give back what waited longer than
+    # claim_ahead_seconds (scheduler/ahead.py)
+    claim_ahead: int = 32
+    claim_ahead_seconds: float = 2.0
     write_size: int = 256
+    # while outcomes keep coming (a write less than WRITER_BUSY_SECONDS ago), the writer waits
+    # this long to write more of them at once
+    write_linger: float = 0.01
     shutdown_grace: float = 10.0
     # prefix runs (scheduler/prefix_runs.py): claim from a window of the fair order in runs of
     # one prompt prefix; off: plain fair order
@@ -99,11 +102,13 @@ class Worker:
         self._held: dict[str, str] = {}
         # outcomes to write, each with the lease token of the run that produced it
         self._results: asyncio.Queue[tuple[str, Outcome]] = asyncio.Queue(maxsize=4096)
+        self._recorder = Recorder(store)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._beat_stop = asyncio.Event()  # set once in-flight work is drained
         self._idle: dict[str, bool] = {}
         self._runs: dict[str, PrefixRuns] = {}  # by lane
+        self._ahead: dict[str, ClaimAhead] = {}  # by lane: claimed, not yet started
         self._at_risk = False
 
     def wake(self) -> None:
@@ -155,6 +160,8 @@ class Worker:
             await asyncio.wait([beat], timeout=self.opts.shutdown_grace)
             beat.cancel()
             await asyncio.gather(beat, return_exceptions=True)
+            for ahead in self._ahead.values():
+                ahead.clear()  # held: given back with the rest just below
             if self._held:
                 released = await self.store.work.release(dict(self._held))
                 log.info("worker %s released %d unfinished generations", self.id, released)
@@ -170,20 +177,32 @@ class Worker:
         await asyncio.gather(*pending, return_exceptions=True)
 
     def _everyone_idle(self) -> bool:
-        return all(self._idle.values()) and not self._inflight and self._results.empty()
+        ready = any(len(ahead) for ahead in self._ahead.values())
+        return all(self._idle.values()) and not (self._inflight or ready) and self._results.empty()
 
     async def _backend_loop(self, name: str, burst: bool) -> None:
         lane = self.engines.lanes[name]
         models = self.engines.models_by_backend[name]
+        ahead = self._ahead.setdefault(
+            name, ClaimAhead(self.opts.claim_ahead, self.opts.claim_ahead_seconds)
+        )
         self._idle[name] = False
         settled = False
         while not self._stopping.is_set():
+            await self._give_back(name, ahead.stale())
             if lane.free_for_background() == 0:
                 await lane.wait_background_capacity(self.opts.poll_interval)
                 continue
+            if len(ahead):  # claimed before: starts without a claim
+                for ready in ahead.take(lane.take_background(len(ahead))):
+                    self._start(name, ready.generation, ready.lease)
+                    ahead.started(1)
+                continue
             n = lane.take_background(self.opts.claim_size)
             try:
-                lease, claimed = await self._claim(name, models, n)
+                lease, claimed = await self._claim(
+                    name, models, n + ahead.depth(lane.controller.window)
+                )
             except Exception:
                 lane.release_background(n)
                 log.exception("claim failed; retrying")
@@ -191,20 +210,12 @@ class Worker:
                 continue
             if len(claimed) < n:
                 lane.release_background(n - len(claimed))
-            for generation in claimed:
-                stale = self._inflight.get(generation.id)
-                if stale is not None:
-                    # its lease ran out while it ran (the database was unreachable, say) and
-                    # this worker claimed it again: the old run could record nothing anyway
-                    log.warning(
-                        "generation %s claimed again; its stale run is stopped", generation.id
-                    )
-                    stale.cancel()
+            for generation in claimed[:n]:
+                self._start(name, generation, lease)
+            ahead.started(min(n, len(claimed)))
+            for generation in claimed[n:]:
                 self._held[generation.id] = lease
-                task = asyncio.create_task(
-                    self._execute(name, generation, lease), name=f"bb-gen-{generation.id}"
-                )
-                self._inflight[generation.id] = task
+            ahead.keep(claimed[n:], lease)
             if claimed:
                 self._idle[name] = False
                 settled = False
@@ -226,46 +237,52 @@ class Worker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.opts.poll_interval)
 
+    def _start(self, lane: str, generation: GenerationRecord, lease: str) -> None:
+        """Run a claimed generation in a slot of ``lane`` the caller took."""
+        stale = self._inflight.get(generation.id)
+        if stale is not None:
+            # its lease ran out while it ran (the database was unreachable, say) and this
+            # worker claimed it again: the old run could record nothing anyway
+            log.warning("generation %s claimed again; its stale run is stopped", generation.id)
+            stale.cancel()
+        self._held[generation.id] = lease
+        task = asyncio.create_task(
+            self._execute(lane, generation, lease), name=f"bb-gen-{generation.id}"
+        )
+        self._inflight[generation.id] = task
+
+    async def _give_back(self, lane: str, ready: list[Ready]) -> None:
+        """Return generations claimed ahead that waited too long to the queue (uncounted)."""
+        if not ready:
+            return
+        leases = {r.generation.id: r.lease for r in ready}
+        for r in ready:
+            if self._held.get(r.generation.id) == r.lease:
+                del self._held[r.generation.id]
+            self._prefix_done(lane, r.generation)
+        try:
+            await self.store.work.release(leases)
+        except Exception:  # their leases run out and maintenance takes them back
+            log.exception("giving back %d generations claimed ahead failed", len(leases))
+
     async def _claim(
         self, lane: str, models: list[str], n: int
     ) -> tuple[str, list[GenerationRecord]]:
-        """Claim up to ``n`` for ``lane`` under a new lease token: in prefix runs, or in plain
-        fair order when they are off. Returns the token and what was claimed."""
+        """Claim up to ``n`` for ``lane`` under a new lease token; returns the token and what
+        was claimed."""
         lease = self.lease_token()
-        runs = self._lane_runs(lane)
-        horizon = self.opts.deadline_horizon_seconds
-        if runs is None:
-            plain = await self.store.work.claim(
-                lease, models, n, self.opts.lease_seconds, horizon=horizon
-            )
-            return lease, plain
-        picked: list[Candidate] = []
-
-        allowed = self.engines.affinity(lane)
-
-        def choose(window: Sequence[Candidate], k: int) -> Sequence[Candidate]:
-            if allowed is not None:  # a replica takes its own prefixes (and spilled ones)
-                window = [c for c in window if allowed(c.prefix_key)]
-            picked[:] = runs.choose(window, k)
-            return picked
-
-        claimed: list[GenerationRecord] = []
-        try:
-            claimed = await self.store.work.claim(
-                lease,
-                models,
-                n,
-                self.opts.lease_seconds,
-                choose=choose,
-                window=self.opts.prefix_window,
-                horizon=horizon,
-            )
-            return lease, claimed
-        finally:  # picks the claim did not get are not running
-            got = {g.id for g in claimed}
-            for c in picked:
-                if c.id not in got:
-                    runs.finished(c.prefix_key)
+        claimed = await claim(
+            self.store.work,
+            lease,
+            models,
+            n,
+            lease_seconds=self.opts.lease_seconds,
+            horizon=self.opts.deadline_horizon_seconds,
+            runs=self._lane_runs(lane),
+            window=self.opts.prefix_window,
+            allowed=self.engines.affinity(lane),
+        )
+        return lease, claimed
 
     def _lane_runs(self, lane: str) -> PrefixRuns | None:
         if not self.opts.prefix_runs:
@@ -298,11 +315,14 @@ class Worker:
             )
             if self._inflight.get(generation.id) is me:
                 del self._inflight[generation.id]
-            runs = self._runs.get(backend)
-            if runs is not None and generation.prefix_key in runs.warming:
-                runs.finished(generation.prefix_key)
-                self._wake.set()  # its siblings may follow now
+            self._prefix_done(backend, generation)
         await self._results.put((lease, outcome))
+
+    def _prefix_done(self, lane: str, generation: GenerationRecord) -> None:
+        runs = self._runs.get(lane)
+        if runs is not None and generation.prefix_key in runs.warming:
+            runs.finished(generation.prefix_key)
+            self._wake.set()  # its siblings may follow now
 
     async def _attempt(self, generation: GenerationRecord, lane: str) -> Outcome:
         try:
@@ -336,8 +356,17 @@ class Worker:
 
     # ------------------------------------------------------------------ writer
     async def _writer(self) -> None:
+        wrote_at = -math.inf
         while True:
             taken = [await self._results.get()]
+            busy = time.monotonic() - wrote_at < WRITER_BUSY_SECONDS
+            if (
+                busy
+                and self._results.qsize() < self.opts.write_size
+                and not self._stopping.is_set()
+            ):
+                # outcomes arrive steadily: gather a few milliseconds' worth into one write
+                await asyncio.sleep(self.opts.write_linger)
             while len(taken) < self.opts.write_size and not self._results.empty():
                 taken.append(self._results.get_nowait())
             # an outcome of a run whose generation was claimed again since is fenced out
@@ -348,19 +377,15 @@ class Worker:
             except Exception:  # one group must never stop the writer: the rest are written
                 log.exception("the writer failed on %d outcomes", len(outcomes))
             finally:
+                wrote_at = time.monotonic()
                 for _ in taken:
                     self._results.task_done()
 
     async def _write(self, outcomes: list[Outcome]) -> None:
-        """Record a group of outcomes, then let go of them.
-
-        A group the store will not take is tried once more, then split in halves until an
-        outcome it refuses is alone: that one is recorded as Failed ("the engine's answer could
-        not be stored"), without what it held; the others as they are. Only a database that
-        cannot be reached keeps the writer on the same write (waiting, losing nothing).
-        """
+        """Record a group of outcomes (:mod:`backburner.scheduler.recorder`), then let go of
+        them."""
         leases = {o.generation_id: self._held[o.generation_id] for o in outcomes}
-        written, completed = await self._record(leases, outcomes, retry=True)
+        written, completed = await self._recorder.record(leases, outcomes, retry=True)
         for outcome in outcomes:  # written, or let go for maintenance to take back
             if self._held.get(outcome.generation_id) == leases[outcome.generation_id]:
                 del self._held[outcome.generation_id]
@@ -375,72 +400,6 @@ class Worker:
             self.metrics.groups_completed.inc(len(completed))
             if self.on_groups_completed is not None:
                 await self.on_groups_completed(completed)
-
-    async def _record(
-        self, leases: dict[str, str], outcomes: list[Outcome], *, retry: bool
-    ) -> tuple[list[Outcome], list[str]]:
-        """The outcomes written (a refused one replaced by its Failed outcome; one that could
-        not be written at all left out) and the groups that completed."""
-        try:
-            return outcomes, await self._finish(leases, outcomes, retry=retry)
-        except Exception as exc:
-            if len(outcomes) == 1:
-                return await self._record_refused(leases, outcomes[0], exc)
-            log.warning(
-                "recording %d outcomes failed (%s); recording them in halves",
-                len(outcomes),
-                _said(exc),
-            )
-            half = len(outcomes) // 2
-            first, first_groups = await self._record(leases, outcomes[:half], retry=False)
-            second, second_groups = await self._record(leases, outcomes[half:], retry=False)
-            return first + second, first_groups + second_groups
-
-    async def _record_refused(
-        self, leases: dict[str, str], outcome: Outcome, exc: Exception
-    ) -> tuple[list[Outcome], list[str]]:
-        failed = Outcome(
-            outcome.generation_id,
-            State.FAILED,
-            f"Failed: the engine's answer could not be stored: {printable(_said(exc), 200)}",
-        )
-        log.warning(
-            "generation %s: its outcome (%s) could not be recorded: %s; recording it as Failed",
-            outcome.generation_id,
-            outcome.state.value,
-            _said(exc),
-        )
-        try:
-            return [failed], await self._finish(leases, [failed], retry=True)
-        except Exception:
-            log.exception(
-                "generation %s: not even its failure could be recorded; it is let go, and"
-                " maintenance takes it back when its lease runs out",
-                outcome.generation_id,
-            )
-            return [], []
-
-    async def _finish(
-        self, leases: dict[str, str], outcomes: list[Outcome], *, retry: bool
-    ) -> list[str]:
-        """``store.work.finish``, waited out while the database cannot be reached; with
-        ``retry`` another failure is tried once more before it is raised."""
-        delay = 0.1
-        again = retry
-        while True:
-            try:
-                return await self.store.work.finish(leases, outcomes)
-            except ServiceUnavailable as exc:
-                log.warning("recording %d outcomes: %s; waiting", len(outcomes), exc.message)
-            except Unstorable:
-                raise  # refused before reaching the database: the same again would be too
-            except Exception:
-                if not again:
-                    raise
-                again = False
-                log.warning("recording %d outcomes failed; once more", len(outcomes), exc_info=True)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
     # ------------------------------------------------------------------ leases and upkeep
     async def _heartbeat(self) -> None:

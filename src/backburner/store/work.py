@@ -10,7 +10,9 @@ clock (:meth:`Database.clock`), never a worker's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,12 +29,15 @@ from backburner.store import codec
 from backburner.store.base import Database, one_of
 from backburner.store.idempotency import IdempotencyKeys
 from backburner.store.queue import TERMINAL_COLS
-from backburner.store.tables import generations, groups
+from backburner.store.tables import UTCDateTime, generations, groups
 from backburner.store.terminal import Terminal
 
 G = generations
 #: deadlines closer than this count as the same (the lines of one batch, say)
 EDF_SLACK = timedelta(seconds=60)
+#: a tenant found with nothing due soon is not looked at again for this long (new urgent work
+#: waits at most this much longer for its earliest-first turn)
+CALM_SECONDS = 1.0
 Chooser = Callable[[Sequence[Candidate], int], Sequence[Candidate]]
 """Picks up to ``n`` of a window of queued generations (given in fair order) to claim."""
 Leases = Mapping[str, str]
@@ -64,11 +69,21 @@ def _stored(outcome: Outcome) -> tuple[str, str | None]:
     return message, codec.answer(outcome.response)
 
 
+_RAW_EXPIRES_AT = sa.type_coerce(G.c.expires_at, sa.String)
+_UTC = UTCDateTime()
+
+
+def _utc(raw: Any) -> datetime | None:
+    return _UTC.process_result_value(raw, None)  # type: ignore[arg-type]  # unused there
+
+
 class Work:
     def __init__(self, db: Database, terminal: Terminal, idempotency: IdempotencyKeys) -> None:
         self._db = db
         self._terminal = terminal
         self._idempotency = idempotency
+        # tenant -> (when, bound): it had no runnable work due before ``bound`` at ``when``
+        self._calm: dict[str, tuple[float, datetime]] = {}
 
     async def claim(
         self,
@@ -119,7 +134,9 @@ class Work:
                 return seen[:n]
 
         view = (
-            sa.select(G.c.id, G.c.prefix_key, G.c.fair_key, G.c.tenant, G.c.expires_at)
+            # the deadline as the driver gives it: converted for the picks only (a window is
+            # up to thousands of rows and most are not taken)
+            sa.select(G.c.id, G.c.prefix_key, G.c.fair_key, G.c.tenant, _RAW_EXPIRES_AT)
             .where(*runnable)
             .order_by(G.c.fair_key)
             .limit(max(window, limit))
@@ -127,7 +144,7 @@ class Work:
         )
         async with self._db.writer.begin() as conn:
             seen = [Candidate(*r) for r in (await conn.execute(view)).all()]
-            picks = list(choose(seen, limit)) if seen else []
+            picks = [replace(c, deadline=_utc(c.deadline)) for c in choose(seen, limit)]
             if not picks:
                 return []
             due = now + timedelta(seconds=horizon)
@@ -156,11 +173,16 @@ class Work:
         if not dated:
             return picks
         bound = min(max(dated) - EDF_SLACK, due)
+        tenants = sorted({c.tenant for c in picks})
+        now = time.monotonic()
+        if all(self._is_calm(t, bound, now) for t in tenants):
+            return picks
+        bound += timedelta(seconds=CALM_SECONDS)  # what is calm now stays calm a while
         urgent_rows = (
             await conn.execute(
                 sa.select(G.c.id, G.c.prefix_key, G.c.fair_key, G.c.tenant, G.c.expires_at)
                 .where(
-                    G.c.tenant.in_(sorted({c.tenant for c in picks})),
+                    G.c.tenant.in_(tenants),
                     *runnable,
                     G.c.expires_at < bound,
                     G.c.id.not_in([c.id for c in picks]),
@@ -170,6 +192,14 @@ class Work:
                 .with_for_update(skip_locked=True)
             )
         ).all()
+        if len(self._calm) > 10_000:
+            self._calm.clear()
+        busy = {r[3] for r in urgent_rows}
+        for t in tenants:
+            if t in busy:
+                self._calm.pop(t, None)
+            else:
+                self._calm[t] = (now, bound)
         if not urgent_rows:
             return picks
         urgent: dict[str, list[Candidate]] = {}
@@ -198,6 +228,10 @@ class Work:
                 swaps,
             )
         return out
+
+    def _is_calm(self, tenant: str, bound: datetime, now: float) -> bool:
+        seen = self._calm.get(tenant)
+        return seen is not None and now - seen[0] < CALM_SECONDS and seen[1] >= bound
 
     async def heartbeat(self, leases: Leases, lease_seconds: float) -> int:
         """Extend the leases still held (each generation under its own token); returns how
