@@ -109,6 +109,7 @@ class Worker:
         self._idle: dict[str, bool] = {}
         self._runs: dict[str, PrefixRuns] = {}  # by lane
         self._ahead: dict[str, ClaimAhead] = {}  # by lane: claimed, not yet started
+        self._refills: dict[str, asyncio.Task[None]] = {}  # by lane: a claim for _ahead
         self._at_risk = False
 
     def wake(self) -> None:
@@ -152,6 +153,7 @@ class Worker:
             for t in late:
                 t.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*self._refills.values(), return_exceptions=True)
             await self._drain_inflight()
             await self._results.join()
             writer.cancel()  # idle: waiting on an empty queue
@@ -178,6 +180,7 @@ class Worker:
 
     def _everyone_idle(self) -> bool:
         ready = any(len(ahead) for ahead in self._ahead.values())
+        ready = ready or any(not t.done() for t in self._refills.values())
         return all(self._idle.values()) and not (self._inflight or ready) and self._results.empty()
 
     async def _backend_loop(self, name: str, burst: bool) -> None:
@@ -197,6 +200,11 @@ class Worker:
                 for ready in ahead.take(lane.take_background(len(ahead))):
                     self._start(name, ready.generation, ready.lease)
                     ahead.started(1)
+                self._refill(name, models, ahead)
+                continue
+            refill = self._refills.get(name)
+            if refill is not None and not refill.done():  # what it claims is started next
+                await asyncio.wait([refill], timeout=self.opts.poll_interval)
                 continue
             n = lane.take_background(self.opts.claim_size)
             try:
@@ -236,6 +244,26 @@ class Worker:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.opts.poll_interval)
+
+    def _refill(self, lane: str, models: list[str], ahead: ClaimAhead) -> None:
+        """Once half of what is ready has started, claim more in the background, so the slots
+        that free up meanwhile need not wait for a claim."""
+        depth = ahead.depth(self.engines.lanes[lane].controller.window)
+        running = self._refills.get(lane)
+        if len(ahead) > depth // 2 or (running is not None and not running.done()):
+            return
+
+        async def claim_more() -> None:
+            try:
+                lease, claimed = await self._claim(lane, models, depth - len(ahead))
+            except Exception:
+                log.exception("claiming ahead failed")
+                return
+            for generation in claimed:
+                self._held[generation.id] = lease
+            ahead.keep(claimed, lease)
+
+        self._refills[lane] = asyncio.create_task(claim_more(), name=f"bb-refill-{lane}")
 
     def _start(self, lane: str, generation: GenerationRecord, lease: str) -> None:
         """Run a claimed generation in a slot of ``lane`` the caller took."""
