@@ -53,6 +53,7 @@ class AppState:
         return time.monotonic()
 
 
-def app_state(request: Request) -> AppState:
+async def app_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain ``def`` dependency in a worker thread, a hop per request
     ctx: AppState = request.app.state.bb
     return ctx
