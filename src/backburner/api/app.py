@@ -16,7 +16,7 @@ from backburner.api.routes_batches import batches_router
 from backburner.api.routes_files import files_router
 from backburner.api.routes_group import group_router
 from backburner.api.routes_ops import ops_router
-from backburner.api.routes_realtime import realtime_router
+from backburner.api.routes_realtime import fast_routes, realtime_router
 from backburner.api.routes_slow import generation_router, slow_router
 from backburner.api.routes_webhooks import webhooks_router
 from backburner.api.state import AppState
@@ -77,4 +77,5 @@ def create_app(
     app.include_router(webhooks_router())
     app.include_router(files_router())
     app.include_router(batches_router())
+    app.router.routes[0:0] = fast_routes()  # matched first; documented by realtime_router
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -12,11 +12,13 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.routing import Route
 
 from backburner.api import idempotency
 from backburner.api.auth import tenant
 from backburner.api.bodies import json_body, read_json
 from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
+from backburner.api.params import lookup_safe
 from backburner.api.routes_slow import metadata_webhook_id, new_generation, unknown_webhooks
 from backburner.api.state import AppState, app_state
 from backburner.core.clock import utcnow
@@ -218,6 +220,30 @@ def _route(kind: Kind, answer: type[BaseModel], *, streams: bool) -> dict[str, A
         said[200] = {"description": "The answer; with stream: true, server-sent events"}
         said[200]["content"] = SSE_EVENTS
     return {"response_model": answer, "responses": said, "openapi_extra": json_body(REQUESTS[kind])}
+
+
+def fast_routes() -> list[Route]:
+    """The realtime POSTs as plain Starlette routes, matched before the documented ones: the
+    same handler without FastAPI's per-request dependency solving (the router of
+    :func:`realtime_router` still declares them in the OpenAPI document). Errors raised here go
+    through the app's exception handlers like any route's."""
+
+    def endpoint(kind: Kind) -> Callable[[Request], Awaitable[Response]]:
+        async def handle(request: Request) -> Response:
+            await lookup_safe(request)
+            ctx = await app_state(request)
+            return await realtime(kind, request, await tenant(request, ctx), ctx)
+
+        return handle
+
+    return [
+        Route(f"/v1/{path}", endpoint(kind), methods=["POST"], include_in_schema=False)
+        for path, kind in (
+            ("chat/completions", Kind.CHAT),
+            ("completions", Kind.COMPLETION),
+            ("embeddings", Kind.EMBEDDING),
+        )
+    ]
 
 
 def realtime_router() -> APIRouter:
