@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from backburner import __version__
+from backburner.cli_client import register as register_client_commands
 from backburner.config import Settings, load_settings
 
 app = typer.Typer(help="backburner: the slow lane for LLM inference.", no_args_is_help=True)
@@ -303,6 +304,9 @@ def webhooks_deliveries(
             a.error or "",
         )
     Console().print(table)
+
+
+register_client_commands(app)  # submit, watch, results, cancel, ls: src/backburner/cli_client.py
 
 
 def main() -> None:
