@@ -13,7 +13,9 @@ METHODS = ("get", "post", "put", "patch", "delete")
 # POSTs that act on the object in their path and take no body
 NO_BODY = ("/cancel", "/retry", "/test", "/redeliver")
 # no input and no key: nothing a client sends can be refused
-NO_CLIENT_ERRORS = {"/healthz", "/readyz", "/metrics"}
+NO_CLIENT_ERRORS = {"/healthz"}
+# need the operations token (ops_token) when one is set
+OPS_TOKEN = {"/readyz", "/metrics"}
 STREAMS = {"text/event-stream", "application/jsonl", "application/octet-stream", "text/plain"}
 
 
@@ -108,9 +110,38 @@ def test_every_operation_declares_its_errors_as_the_envelope(doc: dict[str, Any]
         client = [r for code, r in responses.items() if code.startswith("4")]
         if not client or not all(is_envelope(doc, r) for r in client):
             missing.append(f"{method} {path}")
-        if path.startswith("/v1/"):
+        if path.startswith("/v1/"):  # the tenant dependency: no key, or an open server's Host
+            assert {"401", "403"} <= set(responses), (method, path)
+        if path in OPS_TOKEN:
             assert "401" in responses, (method, path)
+        if "application/json" in op.get("requestBody", {}).get("content", {}):
+            assert "415" in responses, (method, path)  # a body that is not JSON
     assert missing == []
+
+
+# the operations whose body the README's tour shows
+TOUR = (
+    "/v1/slow/chat/completions",
+    "/v1/slow/group/chat/completions",
+    "/v1/chat/completions",
+    "/v1/webhooks",
+)
+
+
+def test_main_bodies_show_an_example(doc: dict[str, Any]) -> None:
+    missing = []
+    for method, path, op in operations(doc):
+        submits = method == "POST" and path.startswith(("/v1/slow/", "/v1/async/"))
+        for spec in op.get("requestBody", {}).get("content", {}).values():
+            if submits and not resolve(doc, spec["schema"]).get("examples"):
+                missing.append(f"{method} {path}")
+    assert missing == []
+    for path in TOUR:
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        assert body["schema"]["examples"], path
+    chat = doc["paths"]["/v1/slow/chat/completions"]["post"]["requestBody"]["content"]
+    example = chat["application/json"]["schema"]["examples"][0]
+    assert example["messages"] == [{"role": "user", "content": "Name three rivers."}]
 
 
 def test_streams_are_declared(doc: dict[str, Any]) -> None:
@@ -143,3 +174,6 @@ async def test_docs_page_answers(harness: AppHarness) -> None:
     r = await harness.client.get("/docs")
     assert r.status_code == 200
     assert "swagger" in r.text.lower()
+    r = await harness.client.get("/redoc")
+    assert r.status_code == 200
+    assert "redoc" in r.text.lower()

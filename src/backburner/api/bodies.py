@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel
 
+from backburner.api.errors import describe
 from backburner.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from backburner.schemas.validation import JsonValueError, load_json
 
@@ -89,8 +90,21 @@ def inline_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+UNSUPPORTED_MEDIA: dict[str, Any] = {
+    "description": describe(415),
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}},
+}
+"""The 415 of :func:`require_json`, as the OpenAPI document declares it (the envelope)."""
+
+
 def json_body(model: type[BaseModel], media_type: str = "application/json") -> dict[str, Any]:
     """``openapi_extra`` declaring ``model`` as the request body of a route that reads its body
-    itself (and validates it with ``model``)."""
+    itself (and validates it with ``model``); a JSON body also declares the 415 of
+    :func:`require_json`. The model's ``examples`` are shown in /docs and /redoc."""
     schema = inline_schema(model.model_json_schema())
-    return {"requestBody": {"required": True, "content": {media_type: {"schema": schema}}}}
+    extra: dict[str, Any] = {
+        "requestBody": {"required": True, "content": {media_type: {"schema": schema}}}
+    }
+    if media_type == "application/json":
+        extra["responses"] = {"415": UNSUPPORTED_MEDIA}
+    return extra

@@ -22,18 +22,36 @@ _SAID = {
     400: "Invalid request: every problem at once, each naming its field by path"
     " (`requests[3].messages`); `param` is the first one's",
     401: "Missing or invalid API key (`Authorization: Bearer <key>`)",
+    403: "This server runs without API keys and answers only requests addressed to a loopback"
+    " host (or a name in `allowed_hosts`)",
     404: "No such object (another tenant's objects are not found either)",
     409: "Conflict: the Idempotency-Key was used with another body, or the object's state"
     " does not allow this",
     413: "The request body is larger than the limit",
+    415: "The body is not JSON: send it with `Content-Type: application/json`",
     502: "The inference backend failed",
     503: "Not ready",
 }
 
 
+def describe(code: int) -> str:
+    """What an error status means here, as the OpenAPI document says it."""
+    return _SAID[code]
+
+
+def declared(code: int) -> dict[str, Any]:
+    """One error answer for the OpenAPI document: the envelope, and what the status means."""
+    return {"model": ErrorEnvelope, "description": describe(code)}
+
+
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The error answers of a route or router for its OpenAPI document: each is the envelope."""
-    return {code: {"model": ErrorEnvelope, "description": _SAID[code]} for code in codes}
+    """The error answers of a route or router for its OpenAPI document: each is the envelope.
+
+    401 stands for the tenant dependency (:func:`backburner.api.auth.tenant`), so it brings its
+    other refusal with it: 403, an open server addressed by a host that is not loopback.
+    """
+    wanted = (*codes, 403) if 401 in codes and 403 not in codes else codes
+    return {code: declared(code) for code in wanted}
 
 
 DEFAULT_RESPONSES: dict[int | str, dict[str, Any]] = {

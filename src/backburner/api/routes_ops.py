@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from backburner import __version__
-from backburner.api.errors import DEFAULT_RESPONSES
+from backburner.api.errors import DEFAULT_RESPONSES, declared
 from backburner.api.state import AppState, app_state
 from backburner.core.states import State
 from backburner.errors import Unauthorized
@@ -22,6 +22,8 @@ PROMETHEUS: dict[int | str, dict[str, Any]] = {
         "content": {"text/plain": {"schema": {"type": "string"}}},
     }
 }
+OPS_TOKEN: dict[int | str, dict[str, Any]] = {401: declared(401)}
+"""The refusal of :func:`ops_access` when ``ops_token`` is set."""
 
 
 async def ops_access(request: Request, ctx: AppState = Depends(app_state)) -> AppState:
@@ -82,7 +84,10 @@ def ops_router() -> APIRouter:
         "/readyz",
         summary="The store and every backend are reachable",
         response_model=Readiness,
-        responses={503: {"model": Readiness, "description": "Not ready: what failed is named"}},
+        responses={
+            **OPS_TOKEN,
+            503: {"model": Readiness, "description": "Not ready: what failed is named"},
+        },
     )
     async def readyz(ctx: AppState = Depends(ops_access)) -> JSONResponse:
         checks: dict[str, str] = {}
@@ -121,7 +126,12 @@ def ops_router() -> APIRouter:
             status_code=200 if ok else 503,
         )
 
-    @r.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=PROMETHEUS)
+    @r.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={**PROMETHEUS, **OPS_TOKEN},
+    )
     async def metrics(ctx: AppState = Depends(ops_access)) -> Response:
         counts = await _counts(ctx)
         if counts is not None:

@@ -35,7 +35,19 @@ MAX_REPORTED_ERRORS = 100
 class BatchCreate(BaseModel):
     """``POST /v1/batches``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "input_file_id": "file-abc123",
+                    "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h",
+                }
+            ]
+        },
+    )
 
     input_file_id: str = Field(min_length=1)
     endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from backburner.core.states import Kind
 from backburner.schemas.openai import (
     MAX_WEBHOOK_ID,
+    TOUR_MODEL,
     SlowChatCompletionRequest,
     SlowCompletionRequest,
     column_text,
@@ -24,7 +25,7 @@ SIZE_HINT = (
 
 
 class _GroupBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
     kind: ClassVar[Kind]
     hints: ClassVar[dict[str, str]] = {
         "": 'send {"requests": [<request>, ...], "webhook_id"?, "metadata"?}',
@@ -51,8 +52,30 @@ class _GroupBody(BaseModel):
         return column_text(v, MAX_WEBHOOK_ID)
 
 
+def _tour(key: str, first: Any, second: Any) -> dict[str, Any]:
+    """The README's two-request group, as ``key`` (``messages`` or ``prompt``) requests."""
+    return {
+        "requests": [
+            {"model": TOUR_MODEL, key: first, "metadata": {"custom_id": "a"}},
+            {"model": TOUR_MODEL, key: second, "metadata": {"custom_id": "b"}},
+        ]
+    }
+
+
 class GroupChatRequest(_GroupBody):
     """``POST /v1/slow/group/chat/completions``."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                _tour(
+                    "messages",
+                    [{"role": "user", "content": "Hi"}],
+                    [{"role": "user", "content": "Bye"}],
+                )
+            ]
+        }
+    )
 
     kind = Kind.CHAT
 
@@ -67,6 +90,8 @@ class GroupChatRequest(_GroupBody):
 
 class GroupCompletionRequest(_GroupBody):
     """``POST /v1/slow/group/completions``."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_tour("prompt", "Hi", "Bye")]})
 
     kind = Kind.COMPLETION
 

@@ -34,6 +34,26 @@ def wrong_kind(kind: Kind, body: dict[str, Any]) -> str | None:
 MAX_CUSTOM_ID = 512
 MAX_WEBHOOK_ID = 32
 
+# Examples shown in /docs and /redoc (and sent by the contract tests): the README's tour.
+TOUR_MODEL = "smollm2-135m-instruct"
+CHAT_EXAMPLE: dict[str, Any] = {
+    "model": TOUR_MODEL,
+    "messages": [{"role": "user", "content": "Name three rivers."}],
+    "max_tokens": 64,
+    "metadata": {"custom_id": "rivers-1"},
+}
+COMPLETION_EXAMPLE: dict[str, Any] = {
+    "model": TOUR_MODEL,
+    "prompt": "Three rivers:",
+    "max_tokens": 64,
+    "metadata": {"custom_id": "rivers-2"},
+}
+EMBEDDING_EXAMPLE: dict[str, Any] = {
+    "model": TOUR_MODEL,
+    "input": "Name three rivers.",
+    "metadata": {"custom_id": "rivers-3"},
+}
+
 
 def column_text(value: str | None, limit: int | None = None) -> str | None:
     """``value`` when the store can keep it in a text column, or look it up by it, as it is: no
@@ -51,7 +71,7 @@ class RequestMetadata(BaseModel):
     """backburner's own part of a request: stored and echoed, never sent to the engine. Free
     form, but the two keys backburner reads are stored in columns: strings that fit."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     custom_id: str | None = None
     """Your id for this request; echoed in results and events."""
@@ -70,7 +90,9 @@ class RequestMetadata(BaseModel):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: a value of another JSON type than declared is refused, never coerced (``false`` is
+    # not a number, ``0`` not a boolean); the body is stored and sent on exactly as sent
+    model_config = ConfigDict(extra="allow", strict=True)
     kind: ClassVar[Kind]
 
     model: Annotated[str, Field(min_length=1)]
@@ -108,7 +130,7 @@ class _Sampling(_Body):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, Any]] | None = None
@@ -116,12 +138,14 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [CHAT_EXAMPLE]})
     kind = Kind.CHAT
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
+    model_config = ConfigDict(json_schema_extra={"examples": [COMPLETION_EXAMPLE]})
     kind = Kind.COMPLETION
 
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -130,6 +154,7 @@ class CompletionRequest(_Sampling):
 
 
 class EmbeddingRequest(_Body):
+    model_config = ConfigDict(json_schema_extra={"examples": [EMBEDDING_EXAMPLE]})
     kind = Kind.EMBEDDING
 
     input: str | list[str] | list[int] | list[list[int]]
@@ -150,7 +175,7 @@ NO_STREAM = "streaming is not supported on slow routes; omit 'stream' or set it 
 
 
 def _no_stream(v: Any) -> Any:
-    if v not in (None, False):
+    if v is not None and v is not False:  # identity: 0 == False, and 0 is not a boolean
         raise ValueError(NO_STREAM)
     return v
 

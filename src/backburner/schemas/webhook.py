@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -19,12 +19,15 @@ ALL_EVENTS: tuple[str, ...] = tuple(e.value for e in EventName)
 class WebhookCreate(BaseModel):
     """``POST /v1/webhooks``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"url": "https://example.com/hooks/backburner"}]},
+    )
 
     url: str = Field(min_length=1, max_length=2048)
     name: str | None = Field(default=None, max_length=200)
     events: list[EventName] | None = None
-    enabled: bool = True
+    enabled: bool = Field(default=True, strict=True)
 
     @field_validator("name")
     @classmethod
@@ -35,12 +38,15 @@ class WebhookCreate(BaseModel):
 class WebhookUpdate(BaseModel):
     """``PATCH /v1/webhooks/{id}``: only the keys sent change."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"events": ["slow-group.completed"], "enabled": True}]},
+    )
 
     url: str | SkipJsonSchema[None] = Field(default=None, min_length=1, max_length=2048)
     name: str | None = Field(default=None, max_length=200)
     events: list[EventName] | None = None
-    enabled: bool | SkipJsonSchema[None] = None
+    enabled: Annotated[bool, Field(strict=True)] | SkipJsonSchema[None] = None
 
     @field_validator("url", "enabled", mode="before")
     @classmethod
