@@ -396,3 +396,14 @@ async def test_router_first_backend_listed_serves_a_model(make: Any) -> None:
     await router.run_background(Kind.CHAT, {**CHAT_BODY, "model": "other"})
     assert len(first.requests) == 1 and len(second.requests) == 1
     assert router.models_by_backend == {"one": ["m"], "two": ["other"]}
+
+
+async def test_an_escaped_lone_surrogate_is_parsed_not_called_invalid(make: Any) -> None:
+    """JSON allows ``"\\udc80"`` (orjson refuses it): the answer is parsed, so the store can
+    refuse it once as unstorable instead of retrying it as invalid JSON."""
+    raw = b'{"id": "c", "choices": [{"message": {"content": "bad \\udc80"}}]}'
+    b = await make(lambda r: httpx.Response(200, content=raw))
+    answer = await b.run(Kind.CHAT, CHAT_BODY)
+    assert answer["choices"][0]["message"]["content"] == "bad \udc80"
+    streamed = await make(_stream_of({"x": "a"}))
+    assert [c async for c in streamed.stream(Kind.CHAT, CHAT_BODY)] == [{"x": "a"}]

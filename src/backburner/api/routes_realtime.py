@@ -21,6 +21,7 @@ from backburner.api.errors import DEFAULT_RESPONSES, invalid, responses
 from backburner.api.params import lookup_safe
 from backburner.api.routes_slow import metadata_webhook_id, new_generation, unknown_webhooks
 from backburner.api.state import AppState, app_state
+from backburner.backends.openai import loads
 from backburner.core.clock import utcnow
 from backburner.core.states import Kind, State, StateMessage
 from backburner.errors import BackendError
@@ -109,7 +110,7 @@ async def _stream(
         finally:
             folded = None
             if keep and not error and ended:
-                folded = fold_chunks([orjson.loads(c) for c in seen], chat=kind is Kind.CHAT)
+                folded = fold_chunks([loads(c) for c in seen], chat=kind is Kind.CHAT)
             if key is not None:
                 if folded is None:
                     await idempotency.drop(ctx, tenant_id, key)

@@ -8,6 +8,7 @@ request, which was the largest single cost of a passthrough), and JSON goes thro
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,9 +33,19 @@ AFTER_DONE_BYTES = 64 * 1024
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
+def loads(data: bytes | str) -> Any:
+    """JSON text as Python values: orjson, or the standard library for what orjson refuses
+    and JSON allows (an escaped lone surrogate such as ``"\\udc80"``, which the store then
+    refuses to keep as it is, without retrying). ``ValueError`` when it is not JSON."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def _error_message(status: int, reason: str, text: str) -> str:
     try:
-        body = orjson.loads(text)
+        body = loads(text)
     except ValueError:
         body = None
     msg = None
@@ -51,7 +62,7 @@ def _error_message(status: int, reason: str, text: str) -> str:
 def error_for(status: int, text: str, reason: str = "") -> BackendError:
     msg = _error_message(status, reason, text)
     try:
-        body: Any = orjson.loads(text)
+        body: Any = loads(text)
     except ValueError:
         body = None
     if status >= 500 or status in RETRYABLE_STATUS:
@@ -151,7 +162,7 @@ class OpenAIBackend:
         except TRANSPORT_ERRORS as exc:
             raise _transport_error(exc) from exc
         try:
-            data = orjson.loads(content)
+            data = loads(content)
         except ValueError as exc:
             raise BackendRetryable("upstream answered with invalid JSON") from exc
         if not isinstance(data, dict):
@@ -160,7 +171,7 @@ class OpenAIBackend:
 
     async def stream(self, kind: Kind, body: JSON) -> AsyncIterator[JSON]:
         async for data in self.stream_raw(kind, body):
-            yield orjson.loads(data)
+            yield loads(data)
 
     async def stream_raw(self, kind: Kind, body: JSON) -> AsyncIterator[bytes]:
         """The ``data:`` payloads of the engine's event stream as sent (JSON text), up to
