@@ -255,7 +255,7 @@ class Worker:
 
         async def claim_more() -> None:
             try:
-                lease, claimed = await self._claim(lane, models, depth - len(ahead))
+                lease, claimed = await self._claim(lane, models, depth)
             except Exception:
                 log.exception("claiming ahead failed")
                 return
