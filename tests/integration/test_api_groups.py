@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from backburner.core.outcome import Outcome
 from backburner.core.states import State
 from backburner.errors import BackendRejected
-from backburner.store.tables import groups, webhooks
+from backburner.store.tables import generations, groups, webhooks
 from tests.conftest import FAKE_MODEL
 
 PREFIXES = ["/v1/slow", "/v1/async"]
@@ -358,6 +358,83 @@ async def test_webhook_id_known_accepted_other_tenants_refused(harness_factory: 
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "webhook_id"
     assert await group_rows(h) == 1
+
+
+def _count_lookups(h: Any) -> dict[str, int]:
+    """Counts ``store.webhooks.exists`` calls by webhook id (the lookups a submission makes)."""
+    webhooks_store = h.state.store.webhooks
+    exists = webhooks_store.exists
+    seen: dict[str, int] = {}
+
+    async def counting(tenant: str, webhook_id: str) -> bool:
+        seen[webhook_id] = seen.get(webhook_id, 0) + 1
+        result: bool = await exists(tenant, webhook_id)
+        return result
+
+    webhooks_store.exists = counting
+    return seen
+
+
+@pytest.fixture
+async def idle_both(harness_factory: Any, store: Any, db_url: str) -> Any:
+    """:func:`idle` on SQLite and on PostgreSQL (``store`` empties the database first)."""
+    return await harness_factory(db=db_url, run_worker=False)
+
+
+async def test_each_webhook_id_is_looked_up_once(idle_both: Any) -> None:
+    """A group naming the same webhook in many requests looks each distinct id up once, and
+    still reports every request that names an unknown one."""
+    h = idle_both
+    await _add_webhook(h, "default", "wh_mine")
+    lookups = _count_lookups(h)
+    reqs = many("chat/completions", 12)
+    for i, r in enumerate(reqs):
+        r["metadata"]["webhook_id"] = "wh_missing" if i % 4 == 1 else "wh_mine"
+    bad = await h.client.post(
+        "/v1/slow/group/chat/completions", json={"requests": reqs, "webhook_id": "wh_mine"}
+    )
+    assert bad.status_code == 400
+    err = bad.json()["error"]
+    assert err["param"] == "requests[1].metadata.webhook_id"
+    said = err["message"]
+    for i in (1, 5, 9):
+        assert f"requests[{i}].metadata.webhook_id: no webhook with id 'wh_missing'" in said
+    assert said.count("no webhook with id") == 3
+    assert lookups == {"wh_mine": 1, "wh_missing": 1}
+    assert await group_rows(h) == 0
+
+    lookups.clear()
+    for r in reqs:
+        r["metadata"]["webhook_id"] = "wh_mine"
+    ok = await h.client.post(
+        "/v1/slow/group/chat/completions", json={"requests": reqs, "webhook_id": "wh_mine"}
+    )
+    assert ok.status_code == 200, ok.text
+    assert lookups == {"wh_mine": 1}
+    body = (await h.client.get(f"/v1/slow/group/{ok.json()['groupId']}/generations")).json()
+    assert [g["request"] for g in body["generations"]] == reqs
+
+
+async def test_a_group_is_stored_in_order_with_consecutive_fair_keys(idle_both: Any) -> None:
+    """The rows of a group: one per request in order, fair keys consecutive, and a tenant's next
+    group continues after them."""
+    idle = idle_both
+    ids = []
+    for n in (5, 3):
+        r = await idle.client.post(
+            "/v1/slow/group/completions", json={"requests": many("completions", n)}
+        )
+        assert r.status_code == 200 and r.json()["groupSize"] == n
+        ids.append(r.json()["groupId"])
+    c = generations.c
+    query = sa.select(c.group_id, c.group_index, c.custom_id, c.fair_key).order_by(c.fair_key)
+    async with idle.state.store.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    expected = [(ids[0], i, f"req-{i:03d}") for i in range(5)]
+    expected += [(ids[1], i, f"req-{i:03d}") for i in range(3)]
+    assert [tuple(r[:3]) for r in rows] == expected
+    keys = [r[3] for r in rows]
+    assert keys == list(range(keys[0], keys[0] + 8))
 
 
 # ---------------------------------------------------------------- cancel and 404

@@ -41,14 +41,26 @@ def metadata_webhook_id(body: Any) -> str | None:
 
 
 async def unknown_webhooks(
-    ctx: AppState, tenant_id: str, bodies: list[tuple[str, Any]]
+    ctx: AppState,
+    tenant_id: str,
+    bodies: list[tuple[str, Any]],
+    *,
+    known: dict[str, bool] | None = None,
 ) -> list[Problem]:
     """A problem for each ``metadata.webhook_id`` (under its path prefix) that names no webhook of
-    this tenant: accepted, it would announce nothing."""
+    this tenant: accepted, it would announce nothing. Each distinct id is looked up once;
+    ``known`` (id -> exists) holds what the caller already looked up, and gets what this
+    looks up."""
+    seen = {} if known is None else known
     problems = []
     for prefix, body in bodies:
         hook = metadata_webhook_id(body)
-        if hook is not None and not await ctx.store.webhooks.exists(tenant_id, hook):
+        if hook is None:
+            continue
+        exists = seen.get(hook)
+        if exists is None:
+            exists = seen[hook] = await ctx.store.webhooks.exists(tenant_id, hook)
+        if not exists:
             path = f"{prefix}.metadata.webhook_id" if prefix else "metadata.webhook_id"
             problems.append(
                 Problem(path, f"no webhook with id '{hook}'; create one with POST /v1/webhooks")

@@ -33,6 +33,10 @@ from backburner.store.terminal import Terminal
 
 G = generations
 
+# built once: a statement with its values given as parameters is compiled once and cached
+_INSERT_GROUP = groups.insert()
+_INSERT_GENERATIONS = G.insert()
+
 
 def _not_found(group_id: str) -> NotFound:
     return NotFound(f"No group with id '{printable(group_id, 100)}'.", param="groupId")
@@ -64,43 +68,51 @@ class Groups:
         idempotency: Idempotency | None = None,
         idempotency_ttl: float = 86400.0,
     ) -> GroupRecord:
-        """Store a whole group and its generations in one transaction."""
+        """Store a whole group and its generations in one transaction: the group row and one
+        bulk insert (executemany) of the generations.
+
+        Everything that does not need the writer (ids, the stored JSON of each request, prefix
+        keys, the rows themselves) is built before the transaction opens; inside it only the
+        fair keys are reserved and written into the rows. On SQLite the writer is one
+        connection shared with the worker, so what runs while it is held delays everyone."""
         now = utcnow()
         gid = group_id or new_id()
         expires = now + timedelta(seconds=expiry_seconds)
+        size = len(items)
+        group_row = {
+            "id": gid,
+            "tenant": tenant,
+            "kind": kind.value,
+            "size": size,
+            "pending": size,
+            "status": GroupStatus.IN_PROGRESS.value,
+            "metadata": None if metadata is None else codec.dumps(metadata),
+            "webhook_id": webhook_id,
+            "created_at": now,
+            "expires_at": expires,
+            "completed_at": None,
+        }
+        # fair keys from 0 for now: the real first key is known only inside the transaction
+        rows = new_rows(tenant, items, [new_id() for _ in items], 0, now, expires, group_id=gid)
         async with self._db.writer.begin() as conn:
             if idempotency is not None:
                 await self._idempotency.save_on(conn, tenant, idempotency, now, idempotency_ttl)
-            await conn.execute(
-                groups.insert().values(
-                    id=gid,
-                    tenant=tenant,
-                    kind=kind.value,
-                    size=len(items),
-                    pending=len(items),
-                    status=GroupStatus.IN_PROGRESS.value,
-                    metadata=None if metadata is None else codec.dumps(metadata),
-                    webhook_id=webhook_id,
-                    created_at=now,
-                    expires_at=expires,
-                    completed_at=None,
-                )
-            )
-            first = await fair_keys(self._db, conn, tenant, len(items))
-            ids = [new_id() for _ in items]
-            rows = new_rows(tenant, items, ids, first, now, expires, group_id=gid)
-            await conn.execute(G.insert(), rows)
+            await conn.execute(_INSERT_GROUP, group_row)
+            first = await fair_keys(self._db, conn, tenant, size)
+            for i, row in enumerate(rows):
+                row["fair_key"] = first + i
+            await conn.execute(_INSERT_GENERATIONS, rows)
         return GroupRecord(
             id=gid,
             tenant=tenant,
             kind=kind,
-            size=len(items),
+            size=size,
             status=GroupStatus.IN_PROGRESS,
             metadata=metadata,
             webhook_id=webhook_id,
             created_at=now,
             expires_at=expires,
-            counts=GroupCounts(queued=len(items)),
+            counts=GroupCounts(queued=size),
         )
 
     async def get(
