@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Mapping
 
@@ -53,6 +54,9 @@ def create_app(
             webhook_targets=services.webhook_targets,
         )
         services.start_background()
+        # what start-up built lives as long as the process: out of the collector's sight, a
+        # full collection no longer walks it (stalls of 90-150 ms every few seconds under load)
+        gc.freeze()
         log.info("backburner %s ready: models %s", __version__, ", ".join(services.engines.models))
         try:
             yield
