@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -23,6 +24,23 @@ def is_sqlite(url: sa.URL | str) -> bool:
     return make_url(str(url) if isinstance(url, sa.URL) else url).get_backend_name() == "sqlite"
 
 
+def _wal(cur: Any) -> None:
+    """WAL mode, set once per database. Switching (or asking) can answer "database is locked"
+    without waiting for busy_timeout while another connection commits or checkpoints, as a
+    connection opened next to a busy writer found: try again for up to about 10 s."""
+    for attempt in range(100):
+        try:
+            cur.execute("PRAGMA journal_mode")
+            row = cur.fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the driver's OperationalError, as the adapter raises it
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.1)  # the driver's own thread: nothing else waits on it
+
+
 def _sqlite_events(engine: AsyncEngine, *, immediate: bool) -> None:
     @sa.event.listens_for(engine.sync_engine, "connect")
     def _connect(dbapi_conn: Any, _rec: Any) -> None:
@@ -31,7 +49,7 @@ def _sqlite_events(engine: AsyncEngine, *, immediate: bool) -> None:
         cur = dbapi_conn.cursor()
         # busy_timeout first: switching to WAL takes a lock another connection may hold
         cur.execute("PRAGMA busy_timeout=30000")
-        cur.execute("PRAGMA journal_mode=WAL")
+        _wal(cur)
         # FULL: a commit is on disk before the submit is answered. NORMAL in WAL mode can lose
         # the last transactions on power loss, and an acknowledged submit must never be lost.
         cur.execute("PRAGMA synchronous=FULL")
