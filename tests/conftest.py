@@ -147,6 +147,7 @@ class AppHarness:
 async def harness_factory(fake_backend: FakeBackend, sqlite_url: str) -> AsyncIterator[Any]:
     """Call with settings overrides; yields a running AppHarness. Defaults: SQLite, fake engine."""
     from backburner.api.app import create_app
+    from backburner.dashboard import mount
 
     stack: list[Any] = []
 
@@ -155,6 +156,8 @@ async def harness_factory(fake_backend: FakeBackend, sqlite_url: str) -> AsyncIt
     ) -> AppHarness:
         settings = make_settings(db or sqlite_url, **overrides)
         app = create_app(settings, backends={"fake": backend or fake_backend}, migrate=False)
+        if settings.dashboard:
+            mount(app)
         ctx = app.router.lifespan_context(app)
         await ctx.__aenter__()
         client = httpx.AsyncClient(

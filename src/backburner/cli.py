@@ -80,13 +80,17 @@ def serve(
     import uvicorn
 
     from backburner.api.app import create_app
+    from backburner.dashboard import mount
     from backburner.store.migrate import upgrade
 
     settings = _settings(config, host=host, port=port, run_worker=False if no_worker else None)
     _logging(settings.log_level)
     upgrade(settings.database_url)
+    app = create_app(settings, migrate=False)
+    if settings.dashboard:
+        mount(app)
     uvicorn.run(
-        create_app(settings, migrate=False),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -130,6 +134,9 @@ def worker(
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant the key belongs to.")],
     name: Annotated[str | None, typer.Option(help="A label for the key.")] = None,
+    admin: Annotated[
+        bool, typer.Option(help="The dashboard shows every tenant and its keys page to it.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
@@ -142,7 +149,7 @@ def keys_create(
     async def main() -> str:
         store = Store(settings.database_url)
         try:
-            _, key = await store.keys.create(tenant, name)
+            _, key = await store.keys.create(tenant, name, admin=admin)
         finally:
             await store.close()
         return key
@@ -166,13 +173,14 @@ def keys_list(config: ConfigOpt = None) -> None:
         finally:
             await store.close()
 
-    table = Table("id", "tenant", "prefix", "name", "created", "revoked")
+    table = Table("id", "tenant", "prefix", "name", "admin", "created", "revoked")
     for k in asyncio.run(main()):
         table.add_row(
             k["id"],
             k["tenant"],
             k["prefix"] + "...",
             k["name"] or "",
+            "yes" if k["admin"] else "",
             str(k["created_at"]),
             str(k["revoked_at"] or ""),
         )

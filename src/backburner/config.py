@@ -264,6 +264,8 @@ class Settings(BaseSettings):
     metrics_cache_seconds: float = Field(default=15.0, ge=0, le=3600)
     readyz_cache_seconds: float = Field(default=5.0, ge=0, le=3600)
     log_level: str = "info"
+    # the web dashboard under /ui (backburner.dashboard), served by `backburner serve`
+    dashboard: bool = True
 
     config_file: str | None = Field(default=None, exclude=True)
 

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from backburner.backends.admission import Held
 from backburner.backends.lane import Lane
+from backburner.core.series import MinuteSeries
 
 
 class Metrics:
@@ -62,6 +63,8 @@ class Metrics:
         self.realtime = Counter(
             "backburner_realtime_requests", "Realtime requests", ["kind", "status"], registry=r
         )
+        # the dashboard's last-hour chart of realtime latency (this process's requests)
+        self.realtime_recent = MinuteSeries()
         self.at_risk = Gauge(
             "backburner_deadline_at_risk",
             "Open groups and batches expected to finish after their deadline (worker"

@@ -19,7 +19,7 @@ KEY_CACHE_SECONDS = 5.0
 NO_KEYS_RECHECK_SECONDS = 1.0
 
 
-async def _keys_exist(ctx: AppState) -> bool:
+async def keys_exist(ctx: AppState) -> bool:
     if ctx.keys_exist:
         return True
     now = ctx.now()
@@ -40,8 +40,9 @@ def host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def _check_host(request: Request, allowed: list[str]) -> None:
-    name = host_name(request.headers.get("host", ""))
+def check_host(header: str, allowed: list[str]) -> None:
+    """Refuse a request whose Host header names neither a loopback name nor ``allowed``."""
+    name = host_name(header)
     if name in LOOPBACK_NAMES or name.startswith("127.") or name in {a.lower() for a in allowed}:
         return
     raise Forbidden(
@@ -55,8 +56,8 @@ async def tenant(request: Request, ctx: AppState = Depends(app_state)) -> str:
     mode = ctx.settings.auth
     if mode == "disabled":
         return OPEN_TENANT
-    if mode == "auto" and ctx.settings.loopback_only and not await _keys_exist(ctx):
-        _check_host(request, ctx.settings.allowed_hosts)
+    if mode == "auto" and ctx.settings.loopback_only and not await keys_exist(ctx):
+        check_host(request.headers.get("host", ""), ctx.settings.allowed_hosts)
         return OPEN_TENANT
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")

@@ -405,29 +405,7 @@ def files_router() -> APIRouter:
     async def content(
         file_id: str, tenant_id: str = Depends(tenant), ctx: AppState = Depends(app_state)
     ) -> StreamingResponse:
-        rec = await ctx.store.files.get(tenant_id, file_id)
-        media = "application/jsonl" if rec.filename.lower().endswith(".jsonl") else None
-        headers = {"Content-Disposition": _disposition(rec.filename)}
-        body: AsyncIterator[bytes]
-        if rec.blob is not None:
-            try:
-                reader = await blob_store(ctx).open(rec.blob)
-            except BlobNotFound:
-                log.error(
-                    "file %s has no blob %s under %s", rec.id, rec.blob, ctx.settings.files_dir
-                )
-                raise BackburnerError(
-                    f"the content of file '{rec.id}' is missing from the file store; with several"
-                    " replicas, files_dir must be a directory they all share"
-                ) from None
-            headers["Content-Length"] = str(rec.bytes)
-            body = _stream(reader)
-        else:
-            # Batch output and error files are rendered from the database (store/batches.py).
-            body = ctx.store.batches.render_file(tenant_id, rec)
-        return StreamingResponse(
-            body, media_type=media or "application/octet-stream", headers=headers
-        )
+        return await file_content(ctx, tenant_id, file_id)
 
     @r.delete(
         "/{file_id}",
@@ -444,3 +422,26 @@ def files_router() -> APIRouter:
         return {"id": rec.id, "object": "file", "deleted": True}
 
     return r
+
+
+async def file_content(ctx: AppState, tenant_id: str, file_id: str) -> StreamingResponse:
+    """A file's content streamed (the API's download, and the dashboard's)."""
+    rec = await ctx.store.files.get(tenant_id, file_id)
+    media = "application/jsonl" if rec.filename.lower().endswith(".jsonl") else None
+    headers = {"Content-Disposition": _disposition(rec.filename)}
+    body: AsyncIterator[bytes]
+    if rec.blob is not None:
+        try:
+            reader = await blob_store(ctx).open(rec.blob)
+        except BlobNotFound:
+            log.error("file %s has no blob %s under %s", rec.id, rec.blob, ctx.settings.files_dir)
+            raise BackburnerError(
+                f"the content of file '{rec.id}' is missing from the file store; with several"
+                " replicas, files_dir must be a directory they all share"
+            ) from None
+        headers["Content-Length"] = str(rec.bytes)
+        body = _stream(reader)
+    else:
+        # Batch output and error files are rendered from the database (store/batches.py).
+        body = ctx.store.batches.render_file(tenant_id, rec)
+    return StreamingResponse(body, media_type=media or "application/octet-stream", headers=headers)

@@ -188,10 +188,12 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, ctx: AppState) 
         status = "error"
         raise
     finally:
+        elapsed = time.perf_counter() - started
         ctx.metrics.realtime.labels(kind.value, status).inc()
+        ctx.metrics.realtime_recent.observe(time.time(), elapsed, ok=status == "ok")
         ctx.metrics.backend_seconds.labels(
             ctx.engines.route(str(body["model"])).backend.name, "realtime"
-        ).observe(time.perf_counter() - started)
+        ).observe(elapsed)
 
 
 SSE_EVENTS: dict[str, Any] = {

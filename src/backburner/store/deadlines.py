@@ -24,12 +24,16 @@ class Deadlines:
         """Background generations finished per tenant over the last ``window_seconds`` (work a
         worker claimed; realtime calls recorded for webhooks are not counted)."""
         since = utcnow() - timedelta(seconds=window_seconds)
+        # grouped by an expression, not the column: grouped by ``tenant`` SQLite walks the whole
+        # table in the order of the (tenant, ...) index instead of the few rows the index on
+        # finished_at finds (3.4 s instead of 1 ms with a million generations)
+        tenant = (G.c.tenant + "").label("tenant")
         async with self._db.reader.connect() as conn:
             rows = (
                 await conn.execute(
-                    sa.select(G.c.tenant, sa.func.count())
+                    sa.select(tenant, sa.func.count())
                     .where(G.c.finished_at >= since, G.c.attempts > 0)
-                    .group_by(G.c.tenant)
+                    .group_by(tenant)
                 )
             ).all()
         return Pace(window_seconds, {str(t): int(n) for t, n in rows})

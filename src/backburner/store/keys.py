@@ -21,8 +21,11 @@ class Keys:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def create(self, tenant: str, name: str | None = None) -> tuple[str, str]:
-        """A new key for ``tenant``: ``(key id, the key itself)``; only its hash is stored."""
+    async def create(
+        self, tenant: str, name: str | None = None, *, admin: bool = False
+    ) -> tuple[str, str]:
+        """A new key for ``tenant``: ``(key id, the key itself)``; only its hash is stored. An
+        ``admin`` key sees every tenant in the dashboard and manages keys there."""
         key = new_api_key()
         kid = new_id()
         async with self._db.writer.begin() as conn:
@@ -35,6 +38,7 @@ class Keys:
                     name=name,
                     created_at=utcnow(),
                     revoked_at=None,
+                    admin=admin,
                 )
             )
         return kid, key
@@ -49,6 +53,18 @@ class Keys:
                     )
                 )
             ).scalar_one_or_none()
+
+    async def identify(self, key: str) -> tuple[str, bool] | None:
+        """``(tenant, admin)`` of a live (unrevoked) key, or None."""
+        async with self._db.reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(api_keys.c.tenant, api_keys.c.admin).where(
+                        api_keys.c.key_hash == hash_key(key), api_keys.c.revoked_at.is_(None)
+                    )
+                )
+            ).first()
+        return None if row is None else (str(row[0]), bool(row[1]))
 
     async def any_created(self) -> bool:
         """Whether a key was ever created, revoked or not: once one was, the server never runs
@@ -77,6 +93,7 @@ class Keys:
                 "name": r.name,
                 "created_at": r.created_at,
                 "revoked_at": r.revoked_at,
+                "admin": bool(r.admin),
             }
             for r in rows
         ]

@@ -49,8 +49,10 @@ class Outbox:
         now: datetime,
         webhook_id: str | None = None,
         url: str | None = None,
+        subject_id: str | None = None,
     ) -> str:
-        """Insert one pending event on ``conn``; returns its id (the Standard Webhooks msg id)."""
+        """Insert one pending event on ``conn``; returns its id (the Standard Webhooks msg id).
+        ``subject_id`` is the generation, group or batch it tells of."""
         event_id = "msg_" + new_id()
         await conn.execute(
             W.insert().values(
@@ -58,6 +60,7 @@ class Outbox:
                 tenant=tenant,
                 webhook_id=webhook_id,
                 url=url,
+                subject_id=subject_id,
                 event=event.value,
                 payload=codec.dumps(payload),
                 state=EventState.PENDING.value,
@@ -80,7 +83,13 @@ class Outbox:
             return
         payload = ev.generation_completed(g.webhook_id, g, now)
         await self.enqueue(
-            conn, tenant=g.tenant, event=event, payload=payload, now=now, webhook_id=hook.id
+            conn,
+            tenant=g.tenant,
+            event=event,
+            payload=payload,
+            now=now,
+            webhook_id=hook.id,
+            subject_id=g.id,
         )
 
     async def group_completed(
@@ -103,6 +112,7 @@ class Outbox:
             payload=ev.group_completed(hook.id, group, gens, now),
             now=now,
             webhook_id=hook.id,
+            subject_id=group.id,
         )
 
     async def batch_completed(
@@ -118,6 +128,7 @@ class Outbox:
                 payload=ev.batch_completed(None, wire, now),
                 now=now,
                 url=batch.webhook_url,
+                subject_id=batch.id,
             )
         hooks = (
             await conn.execute(
@@ -135,6 +146,7 @@ class Outbox:
                     payload=ev.batch_completed(hook_id, wire, now),
                     now=now,
                     webhook_id=hook_id,
+                    subject_id=batch.id,
                 )
 
     async def enqueue_test(self, tenant: str, webhook_id: str) -> str:
@@ -303,6 +315,19 @@ class Outbox:
             )
             for r in rows
         ]
+
+    async def event_of(self, delivery_id: str) -> str | None:
+        """The event an attempt id or an event id names, of any tenant (callers check the
+        owner of the event before they act on it)."""
+        async with self._db.reader.connect() as conn:
+            found = (
+                await conn.execute(sa.select(A.c.event_id).where(A.c.id == delivery_id))
+            ).scalar_one_or_none()
+            if found is None:
+                found = (
+                    await conn.execute(sa.select(W.c.id).where(W.c.id == delivery_id))
+                ).scalar_one_or_none()
+        return None if found is None else str(found)
 
     async def redeliver(self, tenant: str, delivery_id: str) -> str:
         """Send an event again (same message id); accepts an event id or an attempt id."""

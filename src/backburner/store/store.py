@@ -12,6 +12,7 @@
     store.idempotency   answer, save                                            (Idempotency-Key)
     store.retention     purge                          (maintenance: what is old enough goes)
     store.deadlines     pace, open_work                 (estimates and work at risk)
+    store.views         queue_depth, groups, batches, lines, deliveries  (the dashboard reads)
 
 They share one :class:`~backburner.store.base.Database` (the writer and reader engines). What
 happens when generations finish (group and batch counters, webhook events) is in one place,
@@ -35,6 +36,7 @@ from backburner.store.keys import Keys
 from backburner.store.outbox import Outbox
 from backburner.store.retention import Retention
 from backburner.store.terminal import Terminal
+from backburner.store.views import Views
 from backburner.store.webhooks import Webhooks
 from backburner.store.work import Work
 
@@ -57,6 +59,7 @@ class Store:
         self.files = Files(db, self.idempotency)
         self.retention = Retention(db)
         self.deadlines = Deadlines(db)
+        self.views = Views(db)
 
     @property
     def engine(self) -> AsyncEngine:

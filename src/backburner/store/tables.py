@@ -57,6 +57,8 @@ api_keys = sa.Table(
     sa.Column("name", sa.String(200), nullable=True),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("revoked_at", UTCDateTime(), nullable=True),
+    # an admin key sees every tenant in the dashboard and manages keys there
+    sa.Column("admin", sa.Boolean(), nullable=False, server_default=sa.false()),
 )
 
 tenants = sa.Table(
@@ -85,6 +87,9 @@ groups = sa.Table(
     sa.Index("ix_groups_completed_at", "completed_at"),
     # deadlines: open groups, earliest first
     sa.Index("ix_groups_status_expires_at", "status", "expires_at"),
+    # the dashboard's lists: a tenant's groups newest first, and every tenant's (an admin)
+    sa.Index("ix_groups_tenant_created_at", "tenant", "created_at"),
+    sa.Index("ix_groups_created_at", "created_at"),
 )
 
 generations = sa.Table(
@@ -207,6 +212,7 @@ batches = sa.Table(
     sa.Column("cancelled_at", UTCDateTime(), nullable=True),
     sa.Index("ix_batches_tenant_created_at", "tenant", "created_at"),
     sa.Index("ix_batches_status", "status"),
+    sa.Index("ix_batches_created_at", "created_at"),
 )
 
 # The outbox: one row per event to deliver to one endpoint, written in the same transaction as the
@@ -228,6 +234,9 @@ webhook_events = sa.Table(
     sa.Column("last_error", sa.Text(), nullable=True),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("delivered_at", UTCDateTime(), nullable=True),
+    # the generation, group or batch the event tells of (the dashboard's detail pages)
+    sa.Column("subject_id", ID, nullable=True),
+    sa.Index("ix_webhook_events_subject_id", "subject_id"),
     sa.Index("ix_webhook_events_state_next_attempt_at", "state", "next_attempt_at"),
     sa.Index("ix_webhook_events_webhook_id_created_at", "webhook_id", "created_at"),
 )
