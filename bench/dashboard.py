@@ -298,7 +298,8 @@ def measure(base_url: str, key: str, plan: list[tuple[str, str]], n: int) -> dic
                 r = c.get(path)
                 times.append((time.perf_counter() - t) * 1e3)
                 assert r.status_code == 200
-            out[name] = (cold, percentile(times, 50), percentile(times, 95), max(times), len(r.content))
+            p50, p95 = percentile(times, 50), percentile(times, 95)
+            out[name] = (cold, p50, p95, max(times), len(r.content))
     return out
 
 
@@ -357,8 +358,10 @@ def main() -> None:
     finally:
         for proc in reversed(started):
             procs.kill(proc)
-    table = Table(title=f"dashboard pages, {rows:,} generations (SQLite), {args.requests} requests each")
-    for col in ("page", "cold ms", "p50 ms", "p95 ms", "max ms", "KiB", "empty p95 ms", "p95 ÷ empty"):
+    title = f"dashboard pages, {rows:,} generations (SQLite), {args.requests} requests each"
+    table = Table(title=title)
+    cols = ("page", "cold ms", "p50 ms", "p95 ms", "max ms", "KiB", "empty p95 ms", "p95 ÷ empty")
+    for col in cols:
         table.add_column(col, justify="left" if col == "page" else "right")
     worst = 0.0
     for name, _ in pages(ids):
@@ -372,8 +375,8 @@ def main() -> None:
             f"{p95:.1f}",
             f"{mx:.1f}",
             f"{size / 1024:.0f}",
-            f"{base[2]:.1f}" if base else "–",
-            f"{p95 / base[2]:.2f}" if base else "–",
+            f"{base[2]:.1f}" if base else "-",
+            f"{p95 / base[2]:.2f}" if base else "-",
         )
     table.add_row("(avoided: count(*) GROUP BY state)", "", f"{naive:.1f}", "", "", "", "", "")
     console.print(table)

@@ -34,8 +34,24 @@ async def sign_in(c: httpx.AsyncClient, key: str) -> None:
     assert r.headers["location"] == "/ui/"
 
 
-async def post(c: httpx.AsyncClient, path: str, page: str, **data: str) -> httpx.Response:
-    return await c.post(path, data={"csrf": await csrf(c, page), **data})
+async def post(
+    c: httpx.AsyncClient, path: str, page: str, *, own_form: bool = True, **data: str
+) -> httpx.Response:
+    """Send the form for ``path`` as ``page`` renders it: its own CSRF field, as a browser
+    would. ``own_form=False``: the page has no such form (a forged request from a signed-in
+    browser), so any valid token is used."""
+    html = (await c.get(page)).text
+    if own_form:
+        found = re.search(
+            rf'<form method="post" action="{re.escape(path)}"[^>]*>\s*'
+            r'<input type="hidden" name="csrf" value="([^"]+)">',
+            html,
+        )
+        assert found, f"no form for {path} on {page}"
+        token = found.group(1)
+    else:
+        token = await csrf(c, page)
+    return await c.post(path, data={"csrf": token, **data})
 
 
 @pytest.fixture
@@ -151,7 +167,7 @@ async def test_tenants_never_see_each_other(keyed: Any) -> None:
         assert group_b not in (await a.get("/ui/groups")).text
         for path in (f"/ui/batches/{bid_b}", f"/ui/groups/{group_b}", f"/ui/find?q={bid_b}"):
             assert (await a.get(path)).status_code == 404
-        r = await post(a, f"/ui/batches/{bid_b}/cancel", "/ui/")
+        r = await post(a, f"/ui/batches/{bid_b}/cancel", "/ui/", own_form=False)
         assert r.status_code == 404
         r = await a.get(f"/ui/files/{b_batch['input_file_id']}/content")
         assert r.status_code == 404
@@ -190,13 +206,16 @@ async def test_batch_page_cancel_and_retry(keyed: Any) -> None:
         assert "Retry failed requests" in page and "Download errors" in page
         err = await c.get(f"/ui/files/{b['error_file_id']}/content")
         assert err.status_code == 200 and "batch_cancelled" in err.text
-        # a second cancel is a conflict, shown as a page
-        r = await post(c, f"/ui/batches/{bid}/cancel", f"/ui/batches/{bid}")
+        # a second cancel (from a page opened before the first) is a conflict, shown as a page
+        assert "Cancel batch" not in page
+        r = await post(c, f"/ui/batches/{bid}/cancel", f"/ui/batches/{bid}", own_form=False)
         assert r.status_code == 409 and "cancelled" in r.text
         r = await post(c, f"/ui/batches/{bid}/retry", f"/ui/batches/{bid}")
         assert r.status_code == 303
         b = await wait_status(h, bid, "completed")
         assert b["request_counts"]["completed"] == 120
+        # the live part stops htmx polling once the batch is over (286)
+        assert (await c.get(f"/ui/batches/{bid}/live")).status_code == 286
         page = (await c.get(f"/ui/batches/{bid}?start=100")).text
         assert "lines 101\u2013120 of 120" in page and "req-100" in page and "req-99<" not in page
         page = (await c.get(f"/ui/batches/{bid}?state=Failed")).text
@@ -241,7 +260,7 @@ async def test_generation_page_and_redeliver(keyed: Any) -> None:
         assert (await b.get(f"/ui/generations/{gid}")).status_code == 404
         assert (await b.get(f"/ui/webhooks/{hook}")).status_code == 404
         event_id = d[0].id
-        r = await post(b, f"/ui/deliveries/{event_id}/redeliver", "/ui/")
+        r = await post(b, f"/ui/deliveries/{event_id}/redeliver", "/ui/", own_form=False)
         assert r.status_code == 404
         r = await post(
             c,
@@ -265,6 +284,42 @@ async def test_generation_page_and_redeliver(keyed: Any) -> None:
         assert (await h.state.store.webhooks.get("team-a", hook)).enabled is True
         r = await post(c, f"/ui/webhooks/{hook}/test", f"/ui/webhooks/{hook}")
         assert r.status_code == 303 and "Test+event" in r.headers["location"]
+
+
+async def test_webhook_created_from_the_page(keyed: Any) -> None:
+    h = keyed
+    async with browser(h) as c, browser(h) as admin:
+        await sign_in(c, h.key_a)
+        await sign_in(admin, h.key_admin)
+        r = await post(c, "/ui/webhooks/create", "/ui/webhooks", url="ftp://x")
+        assert r.status_code == 400 and "url" in r.text
+        assert await h.state.store.webhooks.list("team-a") == []
+        r = await c.post(
+            "/ui/webhooks/create",
+            data={
+                "csrf": await csrf(c, "/ui/webhooks"),
+                "url": "http://127.0.0.1:9/a",
+                "name": "mine",
+                "events": ["slow-group.completed"],
+            },
+        )
+        assert r.status_code == 200, r.text
+        (hook,) = await h.state.store.webhooks.list("team-a")
+        assert hook.name == "mine" and hook.events == ["slow-group.completed"]
+        assert hook.secret in r.text  # shown once, on this answer
+        assert hook.secret not in (await c.get("/ui/webhooks")).text
+        assert hook.secret not in (await c.get(f"/ui/webhooks/{hook.id}")).text
+        # an admin may create one in another tenant's name; a tenant key may not
+        url = "http://127.0.0.1:9/b"
+        r = await post(admin, "/ui/webhooks/create", "/ui/webhooks", url=url, tenant="team-b")
+        assert r.status_code == 200
+        assert len(await h.state.store.webhooks.list("team-b")) == 1
+        r = await post(
+            c, "/ui/webhooks/create", "/ui/webhooks", url="http://127.0.0.1:9/c", tenant="team-b"
+        )
+        assert len(await h.state.store.webhooks.list("team-b")) == 1
+        page = (await admin.get("/ui/batches?tenant=team-b")).text
+        assert "tenant team-b" in page and "status=completed&amp;tenant=team-b" in page
 
 
 async def test_keys_page_creates_and_revokes(keyed: Any) -> None:

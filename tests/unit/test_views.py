@@ -43,7 +43,7 @@ async def test_finished_by_minute(store: Store) -> None:
 
 async def test_group_list_pages_by_key_and_lines_by_position(store: Store) -> None:
     made = []
-    for i in range(5):
+    for _ in range(5):
         rec = await store.groups.submit(
             "a", Kind.CHAT, [new() for _ in range(3)], expiry_seconds=HOUR
         )

@@ -6,10 +6,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from backburner.api.errors import invalid
 from backburner.dashboard.app import PREFIX, UI, back, form, page, scope_of
 from backburner.dashboard.pages import owner
 from backburner.dashboard.session import Viewer
 from backburner.errors import InvalidRequest, NotFound
+from backburner.schemas.events import EventName
+from backburner.schemas.validation import check
+from backburner.schemas.webhook import WebhookCreate
+from backburner.webhooks.delivery import UrlGuard
+from backburner.webhooks.signing import new_secret
 
 TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
@@ -17,7 +23,42 @@ TENANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 # ---------------------------------------------------------------------- webhooks
 async def webhooks(request: Request, u: UI, viewer: Viewer) -> Response:
     hooks = await u.ctx.store.views.webhooks(scope_of(request, viewer))
-    return u.render(request, viewer, "webhooks.html", {"hooks": hooks})
+    return u.render(
+        request,
+        viewer,
+        "webhooks.html",
+        {"hooks": hooks, "events": [e.value for e in EventName], "created": None},
+    )
+
+
+async def webhook_create(request: Request, u: UI, viewer: Viewer) -> Response:
+    """A new endpoint, checked as ``POST /v1/webhooks`` checks it; its secret is shown once."""
+    data = form(request)
+    tenant = viewer.tenant
+    if viewer.admin and str(data.get("tenant", "")).strip():
+        tenant = str(data.get("tenant", "")).strip()
+        if len(tenant) > 128 or not set(tenant) <= TENANT_CHARS:
+            raise InvalidRequest("tenant: letters, digits, '-', '_' and '.'", param="tenant")
+    chosen = [str(e) for e in data.getlist("events")]
+    payload = {
+        "url": str(data.get("url", "")).strip(),
+        "name": str(data.get("name", "")).strip() or None,
+        "events": chosen or None,
+    }
+    body, problems = check(WebhookCreate, payload)
+    if body is None:
+        raise invalid(problems)
+    await UrlGuard(u.ctx.webhook_targets).check(body.url)
+    rec = await u.ctx.store.webhooks.create(
+        tenant, url=body.url, secret=new_secret(), name=body.name, events=body.events
+    )
+    hooks = await u.ctx.store.views.webhooks(scope_of(request, viewer))
+    return u.render(
+        request,
+        viewer,
+        "webhooks.html",
+        {"hooks": hooks, "events": [e.value for e in EventName], "created": rec},
+    )
 
 
 async def webhook(request: Request, u: UI, viewer: Viewer) -> Response:
@@ -121,6 +162,7 @@ def routes() -> list[BaseRoute]:
     get, post = ["GET"], ["POST"]
     return [
         Route("/webhooks", page(webhooks), methods=get),
+        Route("/webhooks/create", page(webhook_create), methods=post),
         Route("/webhooks/{webhook_id}", page(webhook), methods=get),
         Route("/webhooks/{webhook_id}/test", page(webhook_test), methods=post),
         Route("/webhooks/{webhook_id}/enable", page(webhook_enable), methods=post),

@@ -131,8 +131,13 @@ async def batch(request: Request, u: UI, viewer: Viewer) -> Response:
     return u.render(request, viewer, "batch.html", ctx)
 
 
+STOP_POLLING = 286  # htmx swaps this answer in and stops polling
+
+
 async def batch_live(request: Request, u: UI, viewer: Viewer) -> Response:
-    return u.render(request, viewer, "_batch_live.html", await _batch_context(request, u, viewer))
+    ctx = await _batch_context(request, u, viewer)
+    status = STOP_POLLING if BatchStatus(ctx["b"].status).finished else 200
+    return u.render(request, viewer, "_batch_live.html", ctx, status=status)
 
 
 async def batch_cancel(request: Request, u: UI, viewer: Viewer) -> Response:
