@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -59,6 +60,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support import pgdb, procs  # noqa: E402
+from tests.support.s3 import ENV as S3_ENV  # noqa: E402
+from tests.support.s3 import running_s3  # noqa: E402
 
 MODEL = procs.UPSTREAM_MODEL
 LINE_BYTES = 150  # newline included
@@ -296,6 +299,7 @@ async def bench_one(
         max_concurrency=1,
         log_level="warning",
         files_dir=str(run / "files"),
+        **args.files,
     )
     srv = await asyncio.to_thread(procs.start_serve, cfg, run)
     probe = DbProbe(database_url)
@@ -347,6 +351,7 @@ def render(rows: list[Row], args: argparse.Namespace) -> Table:
             f"Batch upload, validation and load: serve with its worker (backend max_concurrency 1,"
             f" upstream latency {args.upstream_latency_ms:g} ms), {os.cpu_count()} CPUs,"
             f" load average {os.getloadavg()[0]:.1f} at the end"
+            + (", files on S3 (moto_server)" if args.s3 else ", files in a local directory")
         ),
         caption=(
             "upload: POST /v1/files wall time; validate: batch created -> in_progress (polled"
@@ -407,6 +412,16 @@ async def main(args: argparse.Namespace) -> int:
         up = await asyncio.to_thread(
             procs.start_upstream, work, latency_ms=args.upstream_latency_ms
         )
+        s3 = contextlib.ExitStack()
+        args.files = {}
+        if args.s3:
+            server = s3.enter_context(running_s3(work))
+            os.environ.update(S3_ENV)  # the serve processes sign with these
+            bucket = server.create_bucket("bench-batch")
+            args.files = {
+                "files_url": f"s3://{bucket}/files",
+                "files_endpoint_url": server.endpoint_url,
+            }
         try:
             async with asyncio.timeout(args.timeout):
                 for n in args.lines:
@@ -424,6 +439,7 @@ async def main(args: argparse.Namespace) -> int:
                             )
         finally:
             await asyncio.to_thread(procs.stop, up)
+            s3.close()
     console.print(render(rows, args))
     big = [r for r in rows if r.lines >= 1_000_000]
     return 0 if rows and all(r.hwm_mb < RSS_LIMIT_MB for r in big) else 1
@@ -439,6 +455,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--postgres", metavar="URL", help="also run on PostgreSQL (a fresh database)")
     p.add_argument("--no-sqlite", action="store_true", help="skip the SQLite runs")
+    p.add_argument(
+        "--s3",
+        action="store_true",
+        help="files on S3 (moto_server on loopback) instead of a local directory",
+    )
     p.add_argument(
         "--upstream-latency-ms",
         type=float,

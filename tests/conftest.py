@@ -176,3 +176,22 @@ async def harness_factory(fake_backend: FakeBackend, sqlite_url: str) -> AsyncIt
 async def harness(harness_factory: Any) -> AppHarness:
     h: AppHarness = await harness_factory()
     return h
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``moto_server`` on loopback for the whole session (tests/support/s3.py)."""
+    from tests.support.s3 import running_s3
+
+    with running_s3(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: Any) -> Any:
+    """The AWS variables the S3 client reads, for moto; returns the server."""
+    from tests.support.s3 import ENV
+
+    for k, v in ENV.items():
+        monkeypatch.setenv(k, v)
+    return s3_server

@@ -226,6 +226,11 @@ class Settings(BaseSettings):
     # Uploaded files live here. With several API replicas on several machines this must be a
     # shared directory (NFS, EFS, a CSI volume); output files are rendered from the database.
     files_dir: str = "./backburner-files"
+    # or object storage: "s3://bucket/prefix" (AWS S3, MinIO, R2, GCS's S3 interface;
+    # credentials from the standard AWS variables), or "file:///path" (same as files_dir);
+    # files_endpoint_url names another S3-compatible endpoint ("http://minio:9000")
+    files_url: str | None = None
+    files_endpoint_url: str | None = None
     files_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
     batch_max_lines: int = Field(default=1_000_000, ge=1)
     # a longer input line is a line error (found in bounded memory; nothing holds it whole)
@@ -312,6 +317,18 @@ class Settings(BaseSettings):
             self.webhook_retry_schedule_seconds,
         )
         return self
+
+    @field_validator("files_url")
+    @classmethod
+    def _files_url(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = v.strip()
+        if v.startswith("file://") and len(v) > len("file://"):
+            return v
+        if v.startswith("s3://") and len(v) > len("s3://") and not v[5:].startswith("/"):
+            return v
+        raise ValueError("files_url must be s3://bucket[/prefix] or file:///path")
 
     @field_validator("webhook_allow_private")
     @classmethod

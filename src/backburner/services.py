@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -37,7 +38,7 @@ from backburner.metrics import LaneCollector, Metrics
 from backburner.scheduler import Worker, WorkerOptions
 from backburner.scheduler.batches import BatchRunner
 from backburner.store import Store
-from backburner.store.blobs import LocalBlobStore
+from backburner.store.blobs import BlobStore, LocalBlobStore
 from backburner.store.retention import retention_policy
 from backburner.webhooks.delivery import Deliverer, TargetPolicy, UrlGuard, guarded_transport
 from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
@@ -81,6 +82,18 @@ def dispatcher_options(settings: Settings) -> DispatcherOptions:
 KEYS_RECHECK_SECONDS = 5.0
 
 
+def blob_store(settings: Settings) -> BlobStore:
+    """Where file contents live: ``files_url`` (s3:// or file://), else ``files_dir``."""
+    url = settings.files_url
+    if url is not None and url.startswith("s3://"):
+        from backburner.store.s3blobs import S3BlobStore
+
+        return S3BlobStore(url, endpoint_url=settings.files_endpoint_url)
+    if url is not None and url.startswith("file://"):
+        return LocalBlobStore(Path(urlsplit(url).path))
+    return LocalBlobStore(Path(settings.files_dir))
+
+
 def webhook_targets(settings: Settings, store: Store) -> TargetPolicy:
     """Which addresses webhooks may reach. ``webhook_allow_private`` networks always; other
     private addresses only while the server runs open: on loopback with no API key ever created
@@ -112,7 +125,7 @@ class Services:
     store: Store
     engines: Engines
     metrics: Metrics
-    blobs: LocalBlobStore
+    blobs: BlobStore
     webhook_targets: TargetPolicy
     worker: Worker | None = None
     batches: BatchRunner | None = None
@@ -140,7 +153,7 @@ class Services:
         metrics = Metrics()
         metrics.registry.register(LaneCollector(catalog.lanes))
         store = Store(settings.database_url)
-        blobs = LocalBlobStore(Path(settings.files_dir))
+        blobs = blob_store(settings)
         targets = webhook_targets(settings, store)
         services = cls(settings, store, catalog, metrics, blobs, targets)
         if settings.run_worker if run_worker is None else run_worker:

@@ -18,7 +18,7 @@ from backburner.scheduler.batches import BatchRunner
 from backburner.schemas.batch import BatchCreate, BatchRecord
 from backburner.services import Services
 from backburner.store import Store
-from backburner.store.blobs import BlobReader
+from backburner.store.blobs import BlobSource
 from tests.support.poison_engine import PoisonEngine
 from tests.support.services import burst_services
 
@@ -149,7 +149,7 @@ async def test_a_batch_that_keeps_failing_is_failed_after_its_tries(
     opened: list[str] = []
     open_blob = services.blobs.open
 
-    async def failing_open(key: str) -> BlobReader:
+    async def failing_open(key: str) -> BlobSource:
         opened.append(key)
         if key == poisoned_blob:
             raise OSError(5, "Input/output error")
@@ -180,7 +180,7 @@ async def test_a_failing_batch_waits_out_its_backoff_while_the_others_run(
     opened: list[str] = []
     open_blob = services.blobs.open
 
-    async def failing_open(key: str) -> BlobReader:
+    async def failing_open(key: str) -> BlobSource:
         opened.append(key)
         if key == poisoned.input_file_id:
             raise OSError(5, "Input/output error")

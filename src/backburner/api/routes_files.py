@@ -14,7 +14,6 @@ import re
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -41,7 +40,7 @@ from backburner.schemas.files import (
     FileUpload,
 )
 from backburner.store import IdempotencyRace
-from backburner.store.blobs import BlobNotFound, BlobReader, BlobWriter, LocalBlobStore
+from backburner.store.blobs import BlobNotFound, BlobSink, BlobSource, BlobStore
 
 log = logging.getLogger("backburner.api")
 
@@ -51,13 +50,9 @@ FORM_OVERHEAD = 1024 * 1024  # room for the form's other fields and part headers
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def blob_store(ctx: AppState) -> LocalBlobStore:
-    """The blob store of this app, built on first use from ``files_dir`` (kept as ``ctx.blobs``)."""
-    blobs = getattr(ctx, "blobs", None)
-    if not isinstance(blobs, LocalBlobStore):
-        blobs = LocalBlobStore(Path(ctx.settings.files_dir))
-        setattr(ctx, "blobs", blobs)  # noqa: B010 - AppState does not declare it
-    return blobs
+def blob_store(ctx: AppState) -> BlobStore:
+    """The blob store of this app (``files_url`` or ``files_dir``, built by the services)."""
+    return ctx.blobs
 
 
 def _too_large(max_bytes: int) -> PayloadTooLarge:
@@ -176,12 +171,12 @@ class _Form:
 class _Upload:
     """One upload in progress: the form, and the blob writer once the ``file`` part begins."""
 
-    def __init__(self, form: _Form, blobs: LocalBlobStore, key: str, max_bytes: int) -> None:
+    def __init__(self, form: _Form, blobs: BlobStore, key: str, max_bytes: int) -> None:
         self.form = form
         self.blobs = blobs
         self.key = key
         self.max_bytes = max_bytes
-        self.writer: BlobWriter | None = None
+        self.writer: BlobSink | None = None
         self.filename: str | None = None
 
     async def drain(self) -> None:
@@ -262,7 +257,7 @@ def _disposition(filename: str) -> str:
     return f"attachment; filename=\"{plain or 'file'}\"; filename*=UTF-8''{quoted}"
 
 
-async def _stream(reader: BlobReader) -> AsyncIterator[bytes]:
+async def _stream(reader: BlobSource) -> AsyncIterator[bytes]:
     try:
         async for chunk in reader:
             yield chunk
@@ -434,10 +429,12 @@ async def file_content(ctx: AppState, tenant_id: str, file_id: str) -> Streaming
         try:
             reader = await blob_store(ctx).open(rec.blob)
         except BlobNotFound:
-            log.error("file %s has no blob %s under %s", rec.id, rec.blob, ctx.settings.files_dir)
+            where = ctx.settings.files_url or ctx.settings.files_dir
+            log.error("file %s has no blob %s under %s", rec.id, rec.blob, where)
             raise BackburnerError(
                 f"the content of file '{rec.id}' is missing from the file store; with several"
-                " replicas, files_dir must be a directory they all share"
+                ' replicas on several machines, use object storage (files_url = "s3://...")'
+                " or a files_dir they all share"
             ) from None
         headers["Content-Length"] = str(rec.bytes)
         body = _stream(reader)

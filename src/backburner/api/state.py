@@ -12,7 +12,7 @@ from backburner.backends.engines import Engines
 from backburner.config import Settings
 from backburner.metrics import Metrics
 from backburner.store import Store
-from backburner.store.blobs import LocalBlobStore
+from backburner.store.blobs import BlobStore
 from backburner.webhooks.delivery import TargetPolicy
 
 
@@ -32,7 +32,7 @@ class AppState:
     store: Store
     engines: Engines
     metrics: Metrics
-    blobs: LocalBlobStore
+    blobs: BlobStore
     wake: WakeUp
     webhook_targets: TargetPolicy
     keys_exist: bool = False

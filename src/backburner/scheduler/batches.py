@@ -38,7 +38,7 @@ from backburner.schemas.batch import (
     parse_line,
 )
 from backburner.store import Store
-from backburner.store.blobs import BlobNotFound, LocalBlobStore
+from backburner.store.blobs import BlobNotFound, BlobStore
 from backburner.store.codec import printable
 
 log = logging.getLogger("backburner.batches")
@@ -110,7 +110,7 @@ class BatchRunner:
     def __init__(
         self,
         store: Store,
-        blobs: LocalBlobStore,
+        blobs: BlobStore,
         known_models: Collection[str],
         *,
         max_lines: int = 1_000_000,

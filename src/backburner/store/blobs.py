@@ -13,21 +13,23 @@ interrupted upload leaves nothing behind under the final name. File I/O runs in 
 Several API replicas can share one store when ``root`` is a shared directory (NFS, EFS, a CSI
 volume mounted on every replica): keys are random file ids, so replicas never write the same
 name, and the atomic rename makes a blob visible to every replica only once it is complete.
-Object storage (S3 and compatible) would be another implementation of the same small interface
-(``writer``/``write``, ``open``, ``delete``, ``exists``); the database row, not the blob store,
-says which files exist.
+Object storage (S3 and compatible) is the other implementation of the same small interface,
+:class:`BlobStore` (``writer``/``write``, ``open``, ``delete``, ``exists``):
+:class:`~backburner.store.s3blobs.S3BlobStore`. The database row, not the blob store, says which
+files exist.
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import hashlib
 import os
 import re
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, Protocol
 
 CHUNK_SIZE = 1024 * 1024
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -54,6 +56,62 @@ class BlobNotFound(KeyError):
     """No blob with this key."""
 
 
+class BlobSink(Protocol):
+    """A blob being written: chunks in, then ``commit`` (it appears whole) or ``abort``;
+    ``bytes`` counts what was written so far."""
+
+    bytes: int
+
+    async def write(self, data: builtins.bytes) -> None: ...
+
+    async def commit(self) -> BlobInfo: ...
+
+    async def abort(self) -> None: ...
+
+
+class BlobSource(Protocol):
+    """An open blob: its bytes in chunks; ``aclose`` when not read to the end."""
+
+    def __aiter__(self) -> BlobSource: ...
+
+    async def __anext__(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    """Where file contents live (:class:`LocalBlobStore`, or S3 and compatible)."""
+
+    async def writer(self, key: str) -> BlobSink: ...
+
+    async def write(self, key: str, chunks: AsyncIterator[bytes]) -> BlobInfo: ...
+
+    async def open(self, key: str) -> BlobSource: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def exists(self, key: str) -> bool: ...
+
+
+class Tally:
+    """What passes through a writer: lines (newlines, plus one for a last line without a
+    newline) and the sha256."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._newlines = 0
+        self._last = b""
+
+    def add(self, chunk: bytes) -> None:
+        self._sha.update(chunk)
+        self._newlines += chunk.count(b"\n")
+        self._last = chunk[-1:]
+
+    def info(self, size: int) -> BlobInfo:
+        lines = self._newlines + (1 if self._last not in (b"", b"\n") else 0)
+        return BlobInfo(size, lines, self._sha.hexdigest())
+
+
 def check_key(key: str) -> str:
     if not _KEY.fullmatch(key):
         raise ValueError(f"invalid blob key {key!r}: use 1 to 128 characters of A-Za-z0-9_-")
@@ -72,9 +130,7 @@ class BlobWriter:
         self._tmp = tmp
         self._fh: BinaryIO | None = fh
         self._buf = bytearray()
-        self._sha = hashlib.sha256()
-        self._newlines = 0
-        self._last = b""
+        self._tally = Tally()
         self.bytes = 0
 
     async def write(self, data: bytes) -> None:
@@ -95,9 +151,7 @@ class BlobWriter:
         await asyncio.to_thread(self._absorb, self._fh, chunk)
 
     def _absorb(self, fh: BinaryIO, chunk: bytes) -> None:
-        self._sha.update(chunk)
-        self._newlines += chunk.count(b"\n")
-        self._last = chunk[-1:]
+        self._tally.add(chunk)
         fh.write(chunk)
 
     async def commit(self) -> BlobInfo:
@@ -111,8 +165,7 @@ class BlobWriter:
             await self.abort()
             raise
         self._fh = None
-        lines = self._newlines + (1 if self._last not in (b"", b"\n") else 0)
-        return BlobInfo(self.bytes, lines, self._sha.hexdigest())
+        return self._tally.info(self.bytes)
 
     def _finish(self, fh: BinaryIO) -> None:
         fh.flush()

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
-from sqlalchemy import Connection, pool
+from sqlalchemy import Connection, pool, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from backburner.store.engine import async_url
 from backburner.store.tables import metadata
 
 config = context.config
+
+
+# pg_advisory_xact_lock's key: "backburner migrations" (any constant all replicas share)
+MIGRATION_LOCK = 0x6262_6D69_6772_6174
 
 
 def _run(connection: Connection) -> None:
@@ -22,6 +26,10 @@ def _run(connection: Connection) -> None:
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # replicas starting together on a fresh database: one migrates, the others wait
+            # here and then find the schema current (the version is read after the lock)
+            connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         context.run_migrations()
 
 
