@@ -357,3 +357,54 @@ async def test_overview_counts_open_work(harness_factory: Any, tmp_path: Any) ->
     assert r.status_code == 200
     assert re.search(r'id="stat-queued">3<', r.text), r.text[:800]
     assert "<svg" in r.text and "Finished per minute" in r.text
+
+
+async def test_every_page_on_both_stores(harness_factory: Any, db_url: str, tmp_path: Any) -> None:
+    """Each page renders on SQLite and PostgreSQL with data in it, scoped to its tenant."""
+    h = await harness_factory(
+        db=db_url,
+        auth="required",
+        files_dir=str(tmp_path / "f"),
+        webhook_allow_private=["127.0.0.0/8"],
+    )
+    _, key = await h.state.store.keys.create("solo")
+    _, other = await h.state.store.keys.create("other")
+    auth = {"Authorization": f"Bearer {key}"}
+    bid = await make_batch(h, key, 5)
+    r = await h.client.post(
+        "/v1/slow/group/chat/completions",
+        headers=auth,
+        json={"requests": [{"model": FAKE_MODEL, "messages": [{"role": "user", "content": "g"}]}]},
+    )
+    group = r.json()["groupId"]
+    hook = (
+        await h.client.post("/v1/webhooks", headers=auth, json={"url": "http://127.0.0.1:9/h"})
+    ).json()["id"]
+    gid = (await h.state.store.views.lines(group_id=group))[0].id
+    await wait_status(h, bid, "completed")
+    pages = [
+        "/ui/",
+        "/ui/live",
+        "/ui/groups",
+        f"/ui/groups/{group}",
+        "/ui/batches",
+        f"/ui/batches/{bid}",
+        f"/ui/batches/{bid}?state=Success&start=2",
+        f"/ui/generations/{gid}",
+        "/ui/webhooks",
+        f"/ui/webhooks/{hook}",
+    ]
+    async with browser(h) as c, browser(h) as o:
+        await sign_in(c, key)
+        await sign_in(o, other)
+        for page in pages:
+            r = await c.get(page)
+            assert r.status_code == 200, (page, r.text[:300])
+            assert "Server-Timing" in r.headers
+        assert bid in (await c.get("/ui/batches")).text
+        assert group in (await c.get("/ui/groups")).text
+        for page in pages[3:4] + pages[5:6] + pages[7:8] + pages[9:]:
+            assert (await o.get(page)).status_code == 404, page
+        for page in ("/ui/batches", "/ui/groups", "/ui/webhooks"):
+            text = (await o.get(page)).text
+            assert bid not in text and group not in text and hook not in text
