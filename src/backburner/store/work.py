@@ -291,20 +291,30 @@ class Work:
     ) -> list[str]:
         now = utcnow()
         async with self._db.writer.begin() as conn:
-            owned = {
-                r._mapping["id"]: dict(r._mapping)
-                for r in (
-                    await conn.execute(
-                        sa.select(G.c.id, G.c.group_id, G.c.webhook_id, G.c.batch_id, G.c.state)
-                        .where(
-                            _held(
-                                {o.generation_id: leases.get(o.generation_id, "") for o in outcomes}
-                            ),
-                            G.c.state == State.IN_PROGRESS.value,
-                        )
-                        .with_for_update()
+            # locked by primary key, the lease checked here: PostgreSQL plans a row-valued
+            # ``(id, lease_owner) IN (...)`` as a filter over every In Progress row (1.3 ms
+            # for 256 outcomes, growing with the queue), ``id IN (...)`` as key lookups
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        G.c.id,
+                        G.c.group_id,
+                        G.c.webhook_id,
+                        G.c.batch_id,
+                        G.c.state,
+                        G.c.lease_owner,
                     )
-                ).all()
+                    .where(
+                        G.c.id.in_([o.generation_id for o in outcomes]),
+                        G.c.state == State.IN_PROGRESS.value,
+                    )
+                    .with_for_update()
+                )
+            ).all()
+            owned = {
+                r.id: {k: v for k, v in r._mapping.items() if k != "lease_owner"}
+                for r in rows
+                if r.lease_owner is not None and r.lease_owner == leases.get(r.id)
             }
             done: list[dict[str, Any]] = []
             retry: list[dict[str, Any]] = []
