@@ -8,6 +8,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from backburner.errors import BackendRejected, BackendRetryable
@@ -397,3 +398,26 @@ async def test_idempotency_key_on_cancel_and_webhook_create(harness_factory: Any
     assert len((await h.client.get("/v1/webhooks")).json()["data"]) == 1
     c = await h.client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/y"}, headers=hk)
     assert c.status_code == 409
+
+
+async def test_database_unreachable_is_503_not_500(harness: Any, monkeypatch: Any) -> None:
+    """A database that is down (connection refused, restarting) answers 503 with Retry-After
+    and the envelope; anything else unexpected is still a 500."""
+    import sqlalchemy as sa
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("refused"))
+
+    monkeypatch.setattr(harness.state.store.generations, "get", down)
+    transport = httpx.ASGITransport(app=harness.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        r = await c.get("/v1/generation/abc")
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert r.json()["error"]["code"] == "database_unavailable"
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(harness.state.store.generations, "get", broken)
+        r = await c.get("/v1/generation/abc")
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"

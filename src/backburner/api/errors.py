@@ -15,8 +15,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from backburner.errors import BackburnerError, BackendError, InvalidRequest
 from backburner.schemas.error import ErrorEnvelope
 from backburner.schemas.validation import Problem, problems_from
+from backburner.store.base import unreachable
 
 log = logging.getLogger("backburner.api")
+DATABASE_RETRY_AFTER = 5  # seconds, on a 503 while the database cannot be reached
 
 _SAID = {
     400: "Invalid request: every problem at once, each naming its field by path"
@@ -116,6 +118,19 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if unreachable(exc):
+            # the database is down or restarting: nothing was changed, the same call may
+            # succeed in a moment (503 with Retry-After, not a 500 that reads as a bug)
+            log.warning("the database could not be reached: %s", type(exc).__name__)
+            return JSONResponse(
+                envelope(
+                    "the database could not be reached; nothing was changed, try again shortly",
+                    type_="server_error",
+                    code="database_unavailable",
+                ),
+                status_code=503,
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER)},
+            )
         log.exception("unhandled error")
         return JSONResponse(
             envelope("internal server error", type_="server_error"), status_code=500

@@ -17,6 +17,16 @@ from backburner.store.engine import is_sqlite, make_engines
 from backburner.store.tables import UTCDateTime
 
 
+def unreachable(exc: BaseException) -> bool:
+    """The database could not be reached (down, restarting, connection lost, locked): the same
+    call may succeed later. Anything else it raised is about what was asked of it."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa.exc.OperationalError | sa.exc.InterfaceError
+        )
+    return isinstance(exc, OSError | TimeoutError | sa.exc.DisconnectionError | sa.exc.TimeoutError)
+
+
 class Database:
     """The writer and reader engines (one engine on PostgreSQL) and the dialect they speak.
 

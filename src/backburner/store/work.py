@@ -26,7 +26,7 @@ from backburner.core.states import GroupStatus, State, StateMessage, can_transit
 from backburner.errors import ServiceUnavailable
 from backburner.schemas.generation import GenerationRecord
 from backburner.store import codec
-from backburner.store.base import Database, one_of
+from backburner.store.base import Database, one_of, unreachable
 from backburner.store.idempotency import IdempotencyKeys
 from backburner.store.queue import TERMINAL_COLS
 from backburner.store.tables import UTCDateTime, generations, groups
@@ -43,16 +43,6 @@ Chooser = Callable[[Sequence[Candidate], int], Sequence[Candidate]]
 Leases = Mapping[str, str]
 """Generation id -> the lease token its claim holds (what :meth:`Work.claim` was given)."""
 CLEARED = {"lease_owner": None, "lease_expires_at": None}
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """The database could not be reached (down, restarting, connection lost, locked): the same
-    write may succeed later. Anything else it raised is about what was written."""
-    if isinstance(exc, sa.exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(
-            exc, sa.exc.OperationalError | sa.exc.InterfaceError
-        )
-    return isinstance(exc, OSError | TimeoutError | sa.exc.DisconnectionError | sa.exc.TimeoutError)
 
 
 def _held(leases: Leases) -> sa.ColumnElement[bool]:
@@ -276,7 +266,7 @@ class Work:
         try:
             return await self._finish(leases, outcomes, stored)
         except Exception as exc:
-            if _unreachable(exc):
+            if unreachable(exc):
                 said = (str(exc).splitlines() or [type(exc).__name__])[0]
                 raise ServiceUnavailable(
                     f"the database could not be reached: {codec.printable(said, 200)}"
