@@ -118,23 +118,19 @@ def check_key(key: str) -> str:
     return key
 
 
-class BlobWriter:
-    """One blob being written: :meth:`write` chunks, then :meth:`commit` or :meth:`abort`.
+class BufferedSink:
+    """What both blob writers share: writes are buffered into chunks of :data:`CHUNK_SIZE`,
+    each handed to :meth:`_put` (which counts it into ``_tally`` and sends it on); then
+    :meth:`commit` (:meth:`_done` makes the blob appear) or :meth:`abort` (:meth:`_drop`)."""
 
-    Counts bytes, lines (newlines, plus one for a last line without a newline) and the sha256
-    as data passes; buffers at most :data:`CHUNK_SIZE` before writing it out in a thread.
-    """
-
-    def __init__(self, final: Path, tmp: Path, fh: BinaryIO) -> None:
-        self._final = final
-        self._tmp = tmp
-        self._fh: BinaryIO | None = fh
+    def __init__(self) -> None:
         self._buf = bytearray()
         self._tally = Tally()
+        self._open = True
         self.bytes = 0
 
-    async def write(self, data: bytes) -> None:
-        if self._fh is None:
+    async def write(self, data: builtins.bytes) -> None:
+        if not self._open:
             raise RuntimeError("blob writer is closed")
         if not data:
             return
@@ -144,42 +140,71 @@ class BlobWriter:
             await self._flush()
 
     async def _flush(self) -> None:
-        if not self._buf or self._fh is None:
+        if not self._buf or not self._open:
             return
-        chunk = bytes(self._buf)
+        chunk = builtins.bytes(self._buf)
         self._buf.clear()
-        await asyncio.to_thread(self._absorb, self._fh, chunk)
-
-    def _absorb(self, fh: BinaryIO, chunk: bytes) -> None:
-        self._tally.add(chunk)
-        fh.write(chunk)
+        await self._put(chunk)
 
     async def commit(self) -> BlobInfo:
         """Make the blob visible under its key (atomically) and say what was written."""
-        if self._fh is None:
+        if not self._open:
             raise RuntimeError("blob writer is closed")
         try:
             await self._flush()
-            await asyncio.to_thread(self._finish, self._fh)
+            await self._done()
         except BaseException:
             await self.abort()
             raise
-        self._fh = None
+        self._open = False
         return self._tally.info(self.bytes)
-
-    def _finish(self, fh: BinaryIO) -> None:
-        fh.flush()
-        os.fsync(fh.fileno())
-        fh.close()
-        os.replace(self._tmp, self._final)
-        _fsync_dir(self._final.parent)  # the rename itself survives a power loss
 
     async def abort(self) -> None:
         """Drop what was written; nothing is left behind. Safe to call more than once."""
-        fh, self._fh = self._fh, None
+        was_open, self._open = self._open, False
         self._buf.clear()
-        if fh is not None:
-            await asyncio.to_thread(_discard, fh, self._tmp)
+        if was_open:
+            await self._drop()
+
+    async def _put(self, chunk: builtins.bytes) -> None:
+        raise NotImplementedError
+
+    async def _done(self) -> None:
+        raise NotImplementedError
+
+    async def _drop(self) -> None:
+        raise NotImplementedError
+
+
+class BlobWriter(BufferedSink):
+    """One blob being written to a temporary file, renamed onto its name on commit; the file
+    I/O (and the counting) runs in a thread."""
+
+    def __init__(self, final: Path, tmp: Path, fh: BinaryIO) -> None:
+        super().__init__()
+        self._final = final
+        self._tmp = tmp
+        self._fh = fh
+
+    async def _put(self, chunk: builtins.bytes) -> None:
+        await asyncio.to_thread(self._absorb, chunk)
+
+    def _absorb(self, chunk: builtins.bytes) -> None:
+        self._tally.add(chunk)
+        self._fh.write(chunk)
+
+    async def _done(self) -> None:
+        await asyncio.to_thread(self._finish)
+
+    def _finish(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self._tmp, self._final)
+        _fsync_dir(self._final.parent)  # the rename itself survives a power loss
+
+    async def _drop(self) -> None:
+        await asyncio.to_thread(_discard, self._fh, self._tmp)
 
 
 def _discard(fh: BinaryIO, tmp: Path) -> None:

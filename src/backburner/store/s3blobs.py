@@ -34,7 +34,7 @@ from backburner.store.blobs import (
     BlobNotFound,
     BlobSink,
     BlobSource,
-    Tally,
+    BufferedSink,
     check_key,
 )
 
@@ -57,50 +57,23 @@ def _not_found(exc: BaseException) -> bool:
     return isinstance(exc, FileNotFoundError) or type(exc).__name__ == "NotFoundError"
 
 
-class S3BlobWriter:
-    """One object being uploaded; counts what passes (see :class:`BlobSink`)."""
+class S3BlobWriter(BufferedSink):
+    """One object being uploaded (see :class:`BlobSink`); obstore sends a part whenever
+    ``PART_SIZE`` is buffered on its side."""
 
-    def __init__(self, key: str, file: AsyncWritableFile) -> None:
-        self._key = key
-        self._file: AsyncWritableFile | None = file
-        self._buf = bytearray()
-        self._tally = Tally()
-        self.bytes = 0
+    def __init__(self, file: AsyncWritableFile) -> None:
+        super().__init__()
+        self._file = file
 
-    async def write(self, data: bytes) -> None:
-        if self._file is None:
-            raise RuntimeError("blob writer is closed")
-        if not data:
-            return
-        self.bytes += len(data)
-        self._buf += data
-        if len(self._buf) >= CHUNK_SIZE:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        if not self._buf or self._file is None:
-            return
-        chunk = bytes(self._buf)
-        self._buf.clear()
+    async def _put(self, chunk: bytes) -> None:
         await asyncio.to_thread(self._tally.add, chunk)
-        await self._file.write(chunk)  # obstore sends a part whenever PART_SIZE is buffered
+        await self._file.write(chunk)
 
-    async def commit(self) -> BlobInfo:
-        if self._file is None:
-            raise RuntimeError("blob writer is closed")
-        try:
-            await self._flush()
-            await self._file.close()  # completes the multipart upload (or one PUT if small)
-        except BaseException:
-            await self.abort()
-            raise
-        self._file = None
-        return self._tally.info(self.bytes)
+    async def _done(self) -> None:
+        await self._file.close()  # completes the multipart upload (or one PUT if small)
 
-    async def abort(self) -> None:
-        """Drop the upload without completing it: nothing appears under the key."""
-        self._file = None
-        self._buf.clear()
+    async def _drop(self) -> None:
+        """The upload is never completed: nothing appears under the key."""
 
 
 class S3BlobReader:
@@ -161,7 +134,7 @@ class S3BlobStore:
             buffer_size=self.part_size,
             max_concurrency=PART_CONCURRENCY,
         )
-        return S3BlobWriter(key, file)
+        return S3BlobWriter(file)
 
     async def write(self, key: str, chunks: AsyncIterator[bytes]) -> BlobInfo:
         w = await self.writer(key)

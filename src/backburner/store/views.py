@@ -78,6 +78,27 @@ def _scoped(q: Any, column: Any, scope: str | None) -> Any:
     return q if scope is None else q.where(column == scope)
 
 
+def _newest_first(
+    table: sa.Table,
+    scope: str | None,
+    status: str | None,
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> Any:
+    """A page of ``table`` newest first, after the row ``before`` (keyset: (created_at, id))."""
+    q = _scoped(sa.select(table), table.c.tenant, scope)
+    if status:
+        q = q.where(table.c.status == status)
+    if before is not None:
+        q = q.where(
+            sa.or_(
+                table.c.created_at < before[0],
+                sa.and_(table.c.created_at == before[0], table.c.id < before[1]),
+            )
+        )
+    return q.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit)
+
+
 def minute_bucket(column: Any, dialect: str) -> Any:
     """``column`` truncated to its minute, as text ``YYYY-MM-DD HH:MM`` on both databases."""
     if dialect == "sqlite":
@@ -121,17 +142,7 @@ class Views:
         limit: int = 25,
     ) -> list[GroupRecord]:
         """Newest first; counts come from the group's own row (size and pending)."""
-        q = _scoped(sa.select(groups), groups.c.tenant, scope)
-        if status:
-            q = q.where(groups.c.status == status)
-        if before is not None:
-            q = q.where(
-                sa.or_(
-                    groups.c.created_at < before[0],
-                    sa.and_(groups.c.created_at == before[0], groups.c.id < before[1]),
-                )
-            )
-        q = q.order_by(groups.c.created_at.desc(), groups.c.id.desc()).limit(limit)
+        q = _newest_first(groups, scope, status, before, limit)
         async with self._db.reader.connect() as conn:
             rows = (await conn.execute(q)).all()
         out = []
@@ -157,17 +168,7 @@ class Views:
         before: tuple[datetime, str] | None = None,
         limit: int = 25,
     ) -> list[BatchRecord]:
-        q = _scoped(sa.select(batches), batches.c.tenant, scope)
-        if status:
-            q = q.where(batches.c.status == status)
-        if before is not None:
-            q = q.where(
-                sa.or_(
-                    batches.c.created_at < before[0],
-                    sa.and_(batches.c.created_at == before[0], batches.c.id < before[1]),
-                )
-            )
-        q = q.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit)
+        q = _newest_first(batches, scope, status, before, limit)
         async with self._db.reader.connect() as conn:
             rows = (await conn.execute(q)).all()
         return [codec.batch(r) for r in rows]
