@@ -187,6 +187,22 @@ class Outbox:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
+        # most polls find nothing due: look first on the reader, so that an idle dispatcher
+        # never takes SQLite's one writer from the API and the worker (index on state, due)
+        async with self._db.reader.connect() as conn:
+            due = (
+                await conn.execute(
+                    sa.select(W.c.id)
+                    .where(
+                        W.c.state == EventState.PENDING.value,
+                        W.c.next_attempt_at <= now,
+                        ~endpoint_disabled,
+                    )
+                    .limit(1)
+                )
+            ).first()
+        if due is None:
+            return []
         async with self._db.writer.begin() as conn:
             ids = [
                 r[0]
