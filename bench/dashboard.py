@@ -26,6 +26,7 @@ What it measures (all processes on this machine, loopback only):
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import random
@@ -39,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
 from rich.console import Console
 from rich.table import Table
 
@@ -46,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.support import procs  # noqa: E402
+from tests.support import pgdb, procs  # noqa: E402
 
 MODEL = procs.UPSTREAM_MODEL
 TARGET_MS = 100.0
@@ -284,8 +286,10 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[max(1, math.ceil(p / 100 * len(ordered))) - 1]
 
 
-def measure(base_url: str, key: str, plan: list[tuple[str, str]], n: int) -> dict[str, tuple]:
-    out: dict[str, tuple] = {}
+def measure(
+    base_url: str, key: str, plan: list[tuple[str, str]], n: int
+) -> dict[str, tuple[float, float, float, float, int]]:
+    out: dict[str, tuple[float, float, float, float, int]] = {}
     with httpx.Client(base_url=base_url, timeout=60) as c:
         page = c.get("/ui/login").text
         token = re.search(r'name="csrf" value="([^"]+)"', page)
@@ -317,17 +321,92 @@ def naive_count(path: Path) -> float:
     return took
 
 
-def serve(db_path: Path, work: Path, upstream: str) -> tuple[procs.Proc, str, str]:
-    """A server on ``db_path``, an admin key and a key of tenant ``acme``."""
+async def naive_count_pg(url: str) -> float:
+    import asyncpg
+
+    u = sa.make_url(url)
+    conn = await asyncpg.connect(
+        host=u.host, port=u.port or 5432, user=u.username, password=u.password, database=u.database
+    )
+    try:
+        t = time.perf_counter()
+        await conn.fetch("SELECT state, count(*) FROM generations GROUP BY state")
+        return (time.perf_counter() - t) * 1e3
+    finally:
+        await conn.close()
+
+
+def serve(
+    url: str, work: Path, upstream: str, fill_with: Path | None = None
+) -> tuple[procs.Proc, str, str]:
+    """A server on the database ``url`` (migrated first; on PostgreSQL, then filled from the
+    SQLite file ``fill_with``), an admin key and a key of tenant ``acme``."""
     work.mkdir(parents=True, exist_ok=True)
     cfg = procs.write_config(
-        work / "backburner.toml", f"sqlite:///{db_path}", upstream_url=upstream, log_level="warning"
+        work / "backburner.toml", url, upstream_url=upstream, log_level="warning"
     )
-    procs.run_cli("db", "upgrade", "--config", str(cfg))
+    procs.run_cli("db", "upgrade", "--config", str(cfg), timeout=300)
+    if fill_with is not None:
+        asyncio.run(copy_to_postgres(fill_with, url))
     key = procs.run_cli("keys", "create", "--tenant", "ops", "--admin", "--config", str(cfg))
     tenant = procs.run_cli("keys", "create", "--tenant", "acme", "--config", str(cfg))
     srv = procs.start_serve(cfg, work, extra_args=["--no-worker"])
     return srv, key.strip().splitlines()[-1], tenant.strip().splitlines()[-1]
+
+
+COPIED = (
+    "tenants",
+    "files",
+    "batches",
+    "groups",
+    "generations",
+    "webhooks",
+    "webhook_events",
+    "webhook_attempts",
+)
+
+
+async def copy_to_postgres(sqlite_path: Path, url: str) -> None:
+    """The filled SQLite store's rows into a migrated PostgreSQL database (COPY), analyzed."""
+    import asyncpg
+
+    u = sa.make_url(url)
+    conn = await asyncpg.connect(
+        host=u.host, port=u.port or 5432, user=u.username, password=u.password, database=u.database
+    )
+    src = sqlite3.connect(sqlite_path)
+    try:
+        for table in COPIED:
+            kinds = {
+                r["column_name"]: r["data_type"]
+                for r in await conn.fetch(
+                    "SELECT column_name, data_type FROM information_schema.columns"
+                    " WHERE table_name = $1",
+                    table,
+                )
+            }
+            cols = [c[1] for c in src.execute(f"PRAGMA table_info({table})")]
+            cur = src.execute(f"SELECT {', '.join(cols)} FROM {table}")
+            while chunk := cur.fetchmany(50_000):
+                records = [
+                    tuple(_pg_value(v, kinds[c]) for c, v in zip(cols, row, strict=True))
+                    for row in chunk
+                ]
+                await conn.copy_records_to_table(table, records=records, columns=cols)
+        await conn.execute("ANALYZE")
+    finally:
+        src.close()
+        await conn.close()
+
+
+def _pg_value(value: object, kind: str) -> object:
+    if value is None:
+        return None
+    if kind.startswith("timestamp"):
+        return datetime.fromisoformat(str(value))
+    if kind == "boolean":
+        return bool(value)
+    return value
 
 
 def main() -> None:
@@ -335,11 +414,17 @@ def main() -> None:
     p.add_argument("-n", type=int, default=1_000_000, help="generations in the store")
     p.add_argument("--requests", type=int, default=30, help="requests per page")
     p.add_argument("--keep", type=Path, default=None, help="keep/reuse the filled SQLite file")
+    p.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="measure on PostgreSQL instead: fresh databases on this server, filled by COPY",
+    )
     args = p.parse_args()
     console = Console(width=140)
     tmp = Path(tempfile.mkdtemp(prefix="bb-dash-"))
     up = procs.start_upstream(tmp)
     started = [up]
+    scratch: list[str] = []
     try:
         big = args.keep or tmp / "big.db"
         ids_file = big.with_suffix(".ids.json")
@@ -355,20 +440,33 @@ def main() -> None:
             console.print(f"filled {args.n:,} generations in {time.perf_counter() - t:.0f} s")
         rows = sqlite3.connect(big).execute("SELECT count(*) FROM generations").fetchone()[0]
         naive = naive_count(big)
-        srv, key, acme = serve(big, tmp / "big", up.base_url)
+        if args.postgres:
+            store = "PostgreSQL"
+            big_url = asyncio.run(pgdb.create_database(args.postgres, "bb_dash"))
+            empty_url = asyncio.run(pgdb.create_database(args.postgres, "bb_dash"))
+            scratch += [big_url, empty_url]
+            t = time.perf_counter()
+            srv, key, acme = serve(big_url, tmp / "big", up.base_url, fill_with=big)
+            console.print(f"copied into PostgreSQL in {time.perf_counter() - t:.0f} s")
+            naive = asyncio.run(naive_count_pg(big_url))
+        else:
+            store, big_url, empty_url = "SQLite", f"sqlite:///{big}", f"sqlite:///{tmp}/empty.db"
+            srv, key, acme = serve(big_url, tmp / "big", up.base_url)
         started.append(srv)
         full = measure(srv.base_url, key, pages(ids), args.requests)
         full.update(measure(srv.base_url, acme, TENANT_PAGES, args.requests))
         procs.stop(srv)
         started.remove(srv)
-        srv, key, acme = serve(tmp / "empty.db", tmp / "empty", up.base_url)
+        srv, key, acme = serve(empty_url, tmp / "empty", up.base_url)
         started.append(srv)
         empty = measure(srv.base_url, key, pages(None), args.requests)
         empty.update(measure(srv.base_url, acme, TENANT_PAGES, args.requests))
     finally:
         for proc in reversed(started):
             procs.kill(proc)
-    title = f"dashboard pages, {rows:,} generations (SQLite), {args.requests} requests each"
+        for url in scratch:
+            asyncio.run(pgdb.drop_database(url))
+    title = f"dashboard pages, {rows:,} generations ({store}), {args.requests} requests each"
     table = Table(title=title)
     cols = ("page", "cold ms", "p50 ms", "p95 ms", "max ms", "KiB", "empty p95 ms", "p95 ÷ empty")
     for col in cols:
