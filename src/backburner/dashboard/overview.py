@@ -57,7 +57,7 @@ class OverviewData:
         self._ctx = ctx
         self._depth: OrderedDict[str | None, _Cached] = OrderedDict()
         self._minutes: OrderedDict[str | None, _Minutes] = OrderedDict()
-        self._locks: dict[str | None, asyncio.Lock] = {}
+        self._reading = asyncio.Lock()  # one finished-per-minute read at a time
         self._open: _Cached | None = None
 
     # ------------------------------------------------------------------ open work
@@ -97,8 +97,7 @@ class OverviewData:
     # ------------------------------------------------------------------ finished per minute
     async def finished(self, scope: str | None) -> list[tuple[str, int, int]]:
         """``(minute, succeeded, failed)`` for each of the last 60 minutes, oldest first."""
-        lock = self._locks.setdefault(scope, asyncio.Lock())
-        async with lock:
+        async with self._reading:
             m = self._minutes.get(scope)
             if m is None:
                 m = _Minutes()

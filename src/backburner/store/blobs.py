@@ -112,6 +112,17 @@ class Tally:
         return BlobInfo(size, lines, self._sha.hexdigest())
 
 
+async def write_all(sink: BlobSink, chunks: AsyncIterator[bytes]) -> BlobInfo:
+    """Every chunk into ``sink``, then commit; if the chunks fail, abort (nothing appears)."""
+    try:
+        async for chunk in chunks:
+            await sink.write(chunk)
+    except BaseException:
+        await sink.abort()
+        raise
+    return await sink.commit()
+
+
 def check_key(key: str) -> str:
     if not _KEY.fullmatch(key):
         raise ValueError(f"invalid blob key {key!r}: use 1 to 128 characters of A-Za-z0-9_-")
@@ -237,14 +248,7 @@ class LocalBlobStore:
 
     async def write(self, key: str, chunks: AsyncIterator[bytes]) -> BlobInfo:
         """Write blob ``key`` from ``chunks``; if they fail, nothing is left behind."""
-        w = await self.writer(key)
-        try:
-            async for chunk in chunks:
-                await w.write(chunk)
-        except BaseException:
-            await w.abort()
-            raise
-        return await w.commit()
+        return await write_all(await self.writer(key), chunks)
 
     async def open(self, key: str) -> BlobReader:
         """The blob's bytes in chunks of ``chunk_size``; raises :class:`BlobNotFound` at once.

@@ -36,6 +36,7 @@ from backburner.store.blobs import (
     BlobSource,
     BufferedSink,
     check_key,
+    write_all,
 )
 
 if TYPE_CHECKING:
@@ -137,14 +138,7 @@ class S3BlobStore:
         return S3BlobWriter(file)
 
     async def write(self, key: str, chunks: AsyncIterator[bytes]) -> BlobInfo:
-        w = await self.writer(key)
-        try:
-            async for chunk in chunks:
-                await w.write(chunk)
-        except BaseException:
-            await w.abort()
-            raise
-        return await w.commit()
+        return await write_all(await self.writer(key), chunks)
 
     async def open(self, key: str) -> BlobSource:
         """Starts the download before it returns: a missing object raises :class:`BlobNotFound`
