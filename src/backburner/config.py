@@ -20,6 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from backburner.schemas.tenants import Limits
+
 DEFAULT_LOCAL_MODEL = "smollm2-135m-instruct"
 
 # The Standard Webhooks (Svix) schedule: attempts at once, then after 5 s, 5 min, 30 min, 2 h,
@@ -271,6 +273,11 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # the web dashboard under /ui (backburner.dashboard), served by `backburner serve`
     dashboard: bool = True
+    # limits every tenant gets unless it has its own (docs/tenants.md); none by default
+    limits: Limits = Field(default_factory=Limits)
+    # false: backburner_tokens_total and backburner_usage_requests_total without the tenant
+    # label (very many tenants)
+    metrics_tenant_label: bool = True
 
     config_file: str | None = Field(default=None, exclude=True)
 

@@ -8,6 +8,8 @@
     ├── PayloadTooLarge         413
     ├── UnsupportedMediaType    415  a JSON route sent another content type
     ├── Forbidden               403  open mode, addressed to a host that is not loopback
+    │   └── TenantDisabled      403  the key's tenant is disabled
+    ├── TooManyRequests         429  a tenant's limit; ``retry_after`` where waiting helps
     ├── ServiceUnavailable      503
     ├── BackendError            an inference engine failed
     │   ├── BackendRetryable    5xx, timeout, connection: try again later
@@ -87,6 +89,30 @@ class Forbidden(BackburnerError):
 
     status_code = 403
     error_type = "invalid_request_error"
+
+
+class TenantDisabled(Forbidden):
+    """This tenant is disabled. Ask the service's operators to enable it."""
+
+    def __init__(self, tenant: str) -> None:
+        super().__init__(
+            f"tenant '{tenant}' is disabled: its keys do not work and its queued work is held"
+            " until an operator enables it again",
+            code="tenant_disabled",
+        )
+
+
+class TooManyRequests(BackburnerError):
+    """A limit of this tenant was reached."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, limit: str, retry_after: float | None = None) -> None:
+        super().__init__(message, code=f"{limit}_exceeded")
+        self.limit = limit
+        #: seconds after which the same request may succeed; None where waiting does not help
+        self.retry_after = retry_after
 
 
 class ServiceUnavailable(BackburnerError):

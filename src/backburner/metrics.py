@@ -10,12 +10,30 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from backburner.backends.admission import Held
 from backburner.backends.lane import Lane
 from backburner.core.series import MinuteSeries
+from backburner.store.usage import Tally
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, tenant_label: bool = True
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self._tenant_label = tenant_label
+        usage_labels = ["tenant", "model", "lane"] if tenant_label else ["model", "lane"]
+        self.tokens = Counter(
+            "backburner_tokens",
+            "Prompt plus completion tokens used, by tenant, model and lane (this process's:"
+            " the worker counts background work, the API realtime requests)",
+            usage_labels,
+            registry=r,
+        )
+        self.usage_requests = Counter(
+            "backburner_usage_requests",
+            "Requests counted in usage, by tenant, model and lane",
+            usage_labels,
+            registry=r,
+        )
         self.submitted = Counter(
             "backburner_generations_submitted", "Slow generations accepted", ["kind"], registry=r
         )
@@ -79,6 +97,19 @@ class Metrics:
             ["kind", "id"],
             registry=r,
         )
+
+    def count_usage(self, tally: Tally) -> None:
+        """What was just written to the usage table (or tallied for a realtime request)."""
+        for (tenant, _day, model, lane), (
+            requests,
+            _failed,
+            prompt,
+            completion,
+        ) in tally.counts.items():
+            labels = (tenant, model, lane) if self._tenant_label else (model, lane)
+            self.usage_requests.labels(*labels).inc(requests)
+            if prompt + completion:
+                self.tokens.labels(*labels).inc(prompt + completion)
 
 
 class LaneCollector:

@@ -18,6 +18,7 @@ built at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import math
@@ -40,10 +41,13 @@ from backburner.scheduler.batches import BatchRunner
 from backburner.store import Store
 from backburner.store.blobs import BlobStore, LocalBlobStore
 from backburner.store.retention import retention_policy
+from backburner.store.usage import RealtimeUsage
 from backburner.webhooks.delivery import Deliverer, TargetPolicy, UrlGuard, guarded_transport
 from backburner.webhooks.dispatcher import Dispatcher, DispatcherOptions
 
 log = logging.getLogger("backburner")
+#: how often realtime usage is written (what a crash can lose of it)
+USAGE_FLUSH_SECONDS = 1.0
 
 
 def worker_options(settings: Settings) -> WorkerOptions:
@@ -132,6 +136,9 @@ class Services:
     dispatcher: Dispatcher | None = None
     _hook_client: httpx.AsyncClient | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: realtime requests counted in this process, written to the usage table every second
+    realtime_usage: RealtimeUsage | None = None
+    _flushed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def from_settings(
@@ -150,12 +157,14 @@ class Services:
             for r in s.replicas()
         }
         catalog = Engines(settings.backends, engines)
-        metrics = Metrics()
+        metrics = Metrics(tenant_label=settings.metrics_tenant_label)
         metrics.registry.register(LaneCollector(catalog.lanes))
-        store = Store(settings.database_url)
+        store = Store(settings.database_url, limits=settings.limits)
+        store.usage.observer = metrics.count_usage
         blobs = blob_store(settings)
         targets = webhook_targets(settings, store)
         services = cls(settings, store, catalog, metrics, blobs, targets)
+        services.realtime_usage = RealtimeUsage(store.usage)
         if settings.run_worker if run_worker is None else run_worker:
             services._build_background()
         return services
@@ -208,6 +217,22 @@ class Services:
                 task = asyncio.create_task(loop.run(), name=name)
                 task.add_done_callback(_report_crash)
                 self._tasks.append(task)
+        task = asyncio.create_task(self._flush_usage(), name="bb-usage")
+        task.add_done_callback(_report_crash)
+        self._tasks.append(task)
+
+    async def _flush_usage(self) -> None:
+        """Write the realtime usage tally every second, and once more when stopping."""
+        assert self.realtime_usage is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushed.wait(), USAGE_FLUSH_SECONDS)
+            try:
+                await self.realtime_usage.flush()
+            except Exception:  # kept for the next try
+                log.warning("writing realtime usage failed; trying again", exc_info=True)
+            if self._flushed.is_set():
+                return
 
     async def run_burst(self) -> None:
         """Drain what is queued now (batches loaded, generations run, events sent), then
@@ -224,6 +249,7 @@ class Services:
         for loop in (self.worker, self.dispatcher, self.batches):
             if loop is not None:
                 await loop.stop()
+        self._flushed.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
 

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from backburner.core.outcome import Outcome
 from backburner.core.states import State
 from backburner.errors import BackendRejected
+from backburner.store.queue import FAIR_STEP
 from backburner.store.tables import generations, groups, webhooks
 from tests.conftest import FAKE_MODEL
 
@@ -434,7 +435,7 @@ async def test_a_group_is_stored_in_order_with_consecutive_fair_keys(idle_both: 
     expected += [(ids[1], i, f"req-{i:03d}") for i in range(3)]
     assert [tuple(r[:3]) for r in rows] == expected
     keys = [r[3] for r in rows]
-    assert keys == list(range(keys[0], keys[0] + 8))
+    assert keys == list(range(keys[0], keys[0] + 8 * FAIR_STEP, FAIR_STEP))
 
 
 # ---------------------------------------------------------------- cancel and 404

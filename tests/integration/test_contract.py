@@ -54,6 +54,7 @@ TAG_GROUPS = {
     "realtime": ("realtime", "operations"),
     "batches": ("files", "batches"),
     "webhooks": ("webhooks",),
+    "tenants": ("tenants", "usage"),
 }
 """Each test runs the operations of these tags (every operation has one tag)."""
 

@@ -19,6 +19,7 @@ from backburner.api.routes_group import group_router
 from backburner.api.routes_ops import ops_router
 from backburner.api.routes_realtime import fast_routes, realtime_router
 from backburner.api.routes_slow import generation_router, slow_router
+from backburner.api.routes_tenants import tenants_router, usage_router
 from backburner.api.routes_webhooks import webhooks_router
 from backburner.api.state import AppState
 from backburner.backends.base import Backend
@@ -52,6 +53,7 @@ def create_app(
             blobs=services.blobs,
             wake=services,
             webhook_targets=services.webhook_targets,
+            realtime_usage=services.realtime_usage,
         )
         services.start_background()
         # what start-up built lives as long as the process: out of the collector's sight, a
@@ -81,5 +83,7 @@ def create_app(
     app.include_router(webhooks_router())
     app.include_router(files_router())
     app.include_router(batches_router())
+    app.include_router(tenants_router())
+    app.include_router(usage_router())
     app.router.routes[0:0] = fast_routes()  # matched first; documented by realtime_router
     return app

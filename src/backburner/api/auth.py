@@ -9,13 +9,18 @@ a web page that rebinds a DNS name to 127.0.0.1 cannot reach it; ``allowed_hosts
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import Depends, Request
 
 from backburner.api.state import AppState, app_state
-from backburner.errors import Forbidden, Unauthorized
+from backburner.errors import Forbidden, TenantDisabled, Unauthorized
 
 OPEN_TENANT = "default"
-KEY_CACHE_SECONDS = 5.0
+# a key is looked up at most this often per process: revoking a key or disabling its tenant
+# takes effect at once in the process that did it, within this in the others (and at once for
+# submissions, which read the tenant in their own transaction)
+KEY_CACHE_SECONDS = 1.0
 NO_KEYS_RECHECK_SECONDS = 1.0
 
 
@@ -52,13 +57,25 @@ def check_host(header: str, allowed: list[str]) -> None:
     )
 
 
-async def tenant(request: Request, ctx: AppState = Depends(app_state)) -> str:
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is calling: the key's tenant, and whether it is an admin key (every tenant's usage,
+    the admin API). An open server's caller is the admin of tenant ``default``."""
+
+    tenant: str
+    admin: bool
+
+
+OPEN = Identity(OPEN_TENANT, admin=True)
+
+
+async def identity(request: Request, ctx: AppState = Depends(app_state)) -> Identity:
     mode = ctx.settings.auth
     if mode == "disabled":
-        return OPEN_TENANT
+        return OPEN
     if mode == "auto" and ctx.settings.loopback_only and not await keys_exist(ctx):
         check_host(request.headers.get("host", ""), ctx.settings.allowed_hosts)
-        return OPEN_TENANT
+        return OPEN
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     key = key.strip()
@@ -69,10 +86,24 @@ async def tenant(request: Request, ctx: AppState = Depends(app_state)) -> str:
     if cached is not None and now - cached[1] < KEY_CACHE_SECONDS:
         found = cached[0]
     else:
-        found = await ctx.store.keys.tenant_for(key)
+        found = await ctx.store.keys.lookup(key)
         if len(ctx.key_cache) > 10_000:
             ctx.key_cache.clear()
         ctx.key_cache[key] = (found, now)
     if found is None:
         raise Unauthorized("Invalid API key.")
-    return found
+    name, admin, disabled = found
+    if disabled:
+        raise TenantDisabled(name)
+    return Identity(name, admin)
+
+
+async def tenant(request: Request, ctx: AppState = Depends(app_state)) -> str:
+    return (await identity(request, ctx)).tenant
+
+
+async def admin(who: Identity = Depends(identity)) -> Identity:
+    """An admin key (or an open server): refused with 403 otherwise."""
+    if not who.admin:
+        raise Forbidden("this route needs an admin key", code="admin_key_required")
+    return who

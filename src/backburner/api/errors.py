@@ -4,6 +4,7 @@ error responses every route declares in the OpenAPI document."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from backburner.errors import BackburnerError, BackendError, InvalidRequest
+from backburner.errors import BackburnerError, BackendError, InvalidRequest, TooManyRequests
 from backburner.schemas.error import ErrorEnvelope
 from backburner.schemas.validation import Problem, problems_from
 from backburner.store.base import unreachable
@@ -25,12 +26,15 @@ _SAID = {
     " (`requests[3].messages`); `param` is the first one's",
     401: "Missing or invalid API key (`Authorization: Bearer <key>`)",
     403: "This server runs without API keys and answers only requests addressed to a loopback"
-    " host (or a name in `allowed_hosts`)",
+    " host (or a name in `allowed_hosts`); or the key's tenant is disabled; or the route needs"
+    " an admin key",
     404: "No such object (another tenant's objects are not found either)",
     409: "Conflict: the Idempotency-Key was used with another body, or the object's state"
     " does not allow this",
     413: "The request body is larger than the limit",
     415: "The body is not JSON: send it with `Content-Type: application/json`",
+    429: "A limit of the tenant was reached (the message names it and its value); nothing was"
+    " stored. `Retry-After` says when to try again where waiting helps",
     502: "The inference backend failed",
     503: "Not ready",
 }
@@ -79,9 +83,13 @@ def error_response(exc: BackburnerError) -> JSONResponse:
             body or envelope(exc.message, type_="invalid_request_error", code=exc.code),
             status_code=exc.upstream_status,
         )
+    headers = None
+    if isinstance(exc, TooManyRequests) and exc.retry_after is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
     return JSONResponse(
         envelope(exc.message, type_=exc.error_type, param=exc.param, code=exc.code),
         status_code=exc.status_code,
+        headers=headers,
     )
 
 

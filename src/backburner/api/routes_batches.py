@@ -151,7 +151,7 @@ def batches_router() -> APIRouter:
         methods=["POST"],
         summary="Create a batch from an uploaded JSONL file",
         response_model=Batch,
-        responses=responses(400, 409, 413),
+        responses=responses(400, 409, 413, 429),
         openapi_extra=json_body(BatchCreate),
     )
     r.add_api_route(

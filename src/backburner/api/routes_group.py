@@ -74,7 +74,7 @@ def _submit_route(kind: Kind) -> dict[str, Any]:
     """What a group submission route declares: its body, the answer and its refusals."""
     return {
         "response_model": GroupSubmitted,
-        "responses": responses(400, 409, 413),
+        "responses": responses(400, 409, 413, 429),
         "openapi_extra": json_body(GROUP_REQUESTS[kind]),
     }
 

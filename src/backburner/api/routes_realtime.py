@@ -92,13 +92,16 @@ async def _stream(
         seen: list[bytes] = [first] if first is not None and keep else []
         error: str | None = None
         ended = False
+        used: dict[str, Any] | None = None
         try:
             try:
                 if first is not None:
+                    used = _usage_in(first) or used
                     yield b"data: " + first + b"\n\n"
                 async for data in chunks:
                     if keep:
                         seen.append(data)
+                    used = _usage_in(data) or used
                     yield b"data: " + data + b"\n\n"
             except BackendError as exc:
                 error = exc.message
@@ -118,8 +121,38 @@ async def _stream(
                     await idempotency.keep(ctx, tenant_id, key, folded)
             if notify and ended:
                 await _record(ctx, tenant_id, kind, body, started, folded, error)
+            await count_usage(ctx, tenant_id, body, used, failed=error is not None or not ended)
 
     return _sse_response(events())
+
+
+def _usage_in(data: bytes) -> dict[str, Any] | None:
+    """The usage a streamed chunk reports (the last chunk, when the client or the engine asked
+    for it); None for the rest, read without parsing them."""
+    if b'"usage":{' not in data and b'"usage": {' not in data:
+        return None
+    try:
+        used = loads(data).get("usage")
+    except ValueError:
+        return None
+    return used if isinstance(used, dict) else None
+
+
+async def count_usage(
+    ctx: AppState,
+    tenant_id: str,
+    body: dict[str, Any],
+    usage: dict[str, Any] | None,
+    *,
+    failed: bool,
+) -> None:
+    """One realtime request in the usage table (written within a second) and the metrics."""
+    if ctx.realtime_usage is None:
+        return
+    if ctx.realtime_usage.record(
+        tenant_id, str(body["model"]), failed=failed, response={"usage": usage}
+    ):
+        await ctx.realtime_usage.flush()  # the tally is full: written now
 
 
 async def _record(
@@ -167,6 +200,8 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, ctx: AppState) 
         problems = await unknown_webhooks(ctx, tenant_id, [("", body)])
     if problems:
         raise invalid(problems)
+    pending = ctx.realtime_usage.pending(tenant_id) if ctx.realtime_usage is not None else 0
+    await ctx.store.tenants.check_realtime(tenant_id, pending)
     started = time.perf_counter()
     status = "ok"
     try:
@@ -181,11 +216,16 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, ctx: AppState) 
 
         answer = await idempotency.once(ctx, tenant_id, request, raw, run)
         if isinstance(answer, Response):
-            return answer
+            return answer  # a replay: counted when it ran
+        used = answer.get("usage")
+        await count_usage(
+            ctx, tenant_id, body, used if isinstance(used, dict) else None, failed=False
+        )
         # the engine's answer as it came (only the model renamed): no response-model pass
         return Response(orjson.dumps(answer), media_type="application/json")
     except BackendError:
         status = "error"
+        await count_usage(ctx, tenant_id, body, None, failed=True)
         raise
     finally:
         elapsed = time.perf_counter() - started
@@ -216,7 +256,7 @@ SSE_EVENTS: dict[str, Any] = {
 
 def _route(kind: Kind, answer: type[BaseModel], *, streams: bool) -> dict[str, Any]:
     """What a realtime route declares: its body, its answer (and stream) and its refusals."""
-    said = responses(400, 409, 413, 502)
+    said = responses(400, 409, 413, 429, 502)
     passes = "; an engine's own 4xx passes through with its status and body"
     said[400] = {**said[400], "description": said[400]["description"] + passes}
     if streams:

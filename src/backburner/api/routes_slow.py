@@ -103,7 +103,7 @@ def _submit_route(kind: Kind) -> dict[str, Any]:
     """What a submission route declares: the body of its kind, the answer and its refusals."""
     return {
         "response_model": GenerationSubmitted,
-        "responses": responses(400, 409, 413),
+        "responses": responses(400, 409, 413, 429),
         "openapi_extra": json_body(SLOW_REQUESTS[kind]),
     }
 

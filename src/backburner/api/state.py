@@ -13,6 +13,7 @@ from backburner.config import Settings
 from backburner.metrics import Metrics
 from backburner.store import Store
 from backburner.store.blobs import BlobStore
+from backburner.store.usage import RealtimeUsage
 from backburner.webhooks.delivery import TargetPolicy
 
 
@@ -37,7 +38,9 @@ class AppState:
     webhook_targets: TargetPolicy
     keys_exist: bool = False
     keys_checked_at: float = field(default=0.0)
-    key_cache: dict[str, tuple[str | None, float]] = field(default_factory=dict)
+    realtime_usage: RealtimeUsage | None = None
+    # API key -> ((tenant, admin, tenant disabled) or None, when looked up)
+    key_cache: dict[str, tuple[tuple[str, bool, bool] | None, float]] = field(default_factory=dict)
     ops_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
 
     def wake_worker(self) -> None:

@@ -66,6 +66,26 @@ class Database:
         ins = (sqlite_dialect.insert if self.sqlite else pg_dialect.insert)(table)
         await conn.execute(ins.values(**values).on_conflict_do_nothing())
 
+    async def upsert_add(
+        self,
+        conn: AsyncConnection,
+        table: sa.Table,
+        rows: list[dict[str, Any]],
+        keys: Iterable[str],
+        add: Iterable[str],
+    ) -> None:
+        """INSERT each row, or add its ``add`` columns to the row already under its ``keys``
+        (both dialects). Rows are written in key order, so concurrent writers lock alike."""
+        if not rows:
+            return
+        keys, add = list(keys), list(add)
+        rows = sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
+        ins = (sqlite_dialect.insert if self.sqlite else pg_dialect.insert)(table)
+        stmt = ins.on_conflict_do_update(
+            index_elements=keys, set_={c: table.c[c] + ins.excluded[c] for c in add}
+        )
+        await conn.execute(stmt, rows)  # callers give each key once
+
 
 def one_of(column: sa.ColumnElement[Any], statuses: Iterable[StrEnum]) -> sa.ColumnElement[bool]:
     """``column`` holds one of ``statuses``: the guard of a compare-and-set, usually

@@ -23,8 +23,9 @@ from backburner.errors import Conflict
 from backburner.schemas.batch import BatchLine, BatchRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of
-from backburner.store.queue import fair_keys
+from backburner.store.queue import FAIR_STEP, HELD
 from backburner.store.tables import batches, files, generations
+from backburner.store.tenants import Tenants
 from backburner.store.terminal import Terminal
 
 B = batches
@@ -39,9 +40,10 @@ STAMPS = {
 
 
 class BatchRuns:
-    def __init__(self, db: Database, terminal: Terminal) -> None:
+    def __init__(self, db: Database, terminal: Terminal, tenants: Tenants) -> None:
         self._db = db
         self._terminal = terminal
+        self._tenants = tenants
 
     async def claim(self, worker_id: str, lease_seconds: float) -> BatchRecord | None:
         """A batch that needs a worker: to validate and load, or to finalize. One whose lease
@@ -142,7 +144,7 @@ class BatchRuns:
                 if res.rowcount:
                     await self._terminal.batch_finished(conn, batch_id, now)
                 return False
-            first = await fair_keys(self._db, conn, b.tenant, total)
+            keys = await self._tenants.keys(conn, b.tenant, total)
             res = await conn.execute(
                 B.update()
                 .where(
@@ -160,7 +162,8 @@ class BatchRuns:
                     total=total,
                     pending=total,
                     loaded=0,
-                    fair_start=first,
+                    fair_start=keys.first_key,
+                    fair_step=keys.step,
                 )
             )
         return bool(res.rowcount)
@@ -178,17 +181,20 @@ class BatchRuns:
         Failed "Cancelled" (so they appear in the error file and a retry runs them).
         False when this worker may not load (lease lost, or the batch moved on)."""
         now = utcnow()
-        assert batch.fair_start is not None
         async with self._db.writer.begin() as conn:
             row = (
                 await conn.execute(
-                    sa.select(B.c.status, B.c.loaded)
+                    sa.select(B.c.status, B.c.loaded, B.c.fair_start, B.c.fair_step)
                     .where(B.c.id == batch.id, B.c.lease_owner == worker_id)
                     .with_for_update()
                 )
             ).first()
             if row is None or row[1] != first_index or row[0] not in BATCH_RUNNING:
                 return False
+            # read here, not from ``batch``: a new weight re-spaces a loading batch's keys
+            fair_start, step = int(row[2]), int(row[3] or FAIR_STEP)
+            if await self._tenants.disabled(conn, batch.tenant):
+                fair_start += HELD  # a disabled tenant's lines go in held
             cancelled = row[0] == BatchStatus.CANCELLING
             state = State.FAILED.value if cancelled else State.QUEUED.value
             message = StateMessage.CANCELLED if cancelled else StateMessage.QUEUED
@@ -203,7 +209,7 @@ class BatchRuns:
                     "state": state,
                     "state_message": message,
                     "attempts": 0,
-                    "fair_key": batch.fair_start + first_index + i,
+                    "fair_key": fair_start + (first_index + i) * step,
                     "available_at": now,
                     "lease_owner": None,
                     "lease_expires_at": None,

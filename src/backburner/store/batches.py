@@ -34,8 +34,8 @@ from backburner.schemas.files import FileRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of
 from backburner.store.codec import printable
-from backburner.store.queue import fair_keys
-from backburner.store.tables import batches, generations
+from backburner.store.tables import batches, files, generations
+from backburner.store.tenants import Tenants
 from backburner.store.terminal import Terminal
 
 B = batches
@@ -66,9 +66,10 @@ def _not_found(batch_id: str, param: str = "batch_id") -> NotFound:
 
 
 class Batches:
-    def __init__(self, db: Database, terminal: Terminal) -> None:
+    def __init__(self, db: Database, terminal: Terminal, tenants: Tenants) -> None:
         self._db = db
         self._terminal = terminal
+        self._tenants = tenants
 
     async def create(self, tenant: str, body: BatchCreate) -> BatchRecord:
         """A new batch, ``validating`` until a batch runner reads its input file."""
@@ -93,6 +94,15 @@ class Batches:
             "expires_at": now + timedelta(seconds=WINDOWS[body.completion_window]),
         }
         async with self._db.writer.begin() as conn:
+            lines = (
+                await conn.execute(
+                    sa.select(files.c.lines).where(
+                        files.c.id == body.input_file_id, files.c.tenant == tenant
+                    )
+                )
+            ).scalar_one_or_none()
+            # the tenant's limits first (its row locked): refused, nothing is written
+            await self._tenants.admit(conn, tenant, batch_lines=max(1, int(lines or 0)))
             await conn.execute(B.insert().values(**values))
             row = (await conn.execute(sa.select(B).where(B.c.id == bid))).one()
         return codec.batch(row)
@@ -203,12 +213,12 @@ class Batches:
             ).one()
             # new fair keys, in input order: retried lines queue behind what other tenants
             # submitted since, not ahead of it with the keys they had at the first run
-            first = await fair_keys(self._db, conn, tenant, int(high or 0) - int(low or 0) + 1)
+            keys = await self._tenants.keys(conn, tenant, int(high or 0) - int(low or 0) + 1)
             res = await conn.execute(
                 G.update()
                 .where(*retried)
                 .values(
-                    fair_key=first + G.c.group_index - int(low or 0),
+                    fair_key=keys.first_key + (G.c.group_index - int(low or 0)) * keys.step,
                     state=State.QUEUED.value,
                     state_message=StateMessage.QUEUED,
                     attempts=0,

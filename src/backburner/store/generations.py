@@ -16,18 +16,26 @@ from backburner.schemas.generation import GenerationRecord, NewGeneration
 from backburner.store import codec
 from backburner.store.base import Database, one_of
 from backburner.store.idempotency import IdempotencyKeys
-from backburner.store.queue import fair_keys, new_rows
+from backburner.store.queue import new_rows
 from backburner.store.tables import generations
+from backburner.store.tenants import Tenants
 from backburner.store.terminal import Terminal
 
 G = generations
 
 
 class Generations:
-    def __init__(self, db: Database, terminal: Terminal, idempotency: IdempotencyKeys) -> None:
+    def __init__(
+        self,
+        db: Database,
+        terminal: Terminal,
+        idempotency: IdempotencyKeys,
+        tenants: Tenants,
+    ) -> None:
         self._db = db
         self._terminal = terminal
         self._idempotency = idempotency
+        self._tenants = tenants
 
     async def submit(
         self,
@@ -39,15 +47,16 @@ class Generations:
         idempotency: Idempotency | None = None,
         idempotency_ttl: float = 86400.0,
     ) -> GenerationRecord:
-        """Store one slow request durably; returns it Queued."""
+        """Store one slow request durably; returns it Queued. Admitted against the tenant's
+        limits first (:class:`~backburner.errors.TooManyRequests`, nothing stored)."""
         now = utcnow()
         gid = generation_id or new_id()
         async with self._db.writer.begin() as conn:
+            keys = await self._tenants.admit(conn, tenant, generations=1)
             if idempotency is not None:
                 await self._idempotency.save_on(conn, tenant, idempotency, now, idempotency_ttl)
-            first = await fair_keys(self._db, conn, tenant, 1)
             rows = new_rows(
-                tenant, [item], [gid], first, now, now + timedelta(seconds=expiry_seconds)
+                tenant, [item], [gid], keys.first_key, now, now + timedelta(seconds=expiry_seconds)
             )
             await conn.execute(G.insert(), rows)
         return codec.generation(rows[0])
@@ -86,7 +95,7 @@ class Generations:
         )
         async with self._db.writer.begin() as conn:
             await conn.execute(G.insert(), [row])
-            await self._terminal.generations_finished(conn, [row], now)
+            await self._terminal.generations_finished(conn, [row], now, counted=False)
         return codec.generation(row)
 
     async def get(self, tenant: str, generation_id: str) -> GenerationRecord:

@@ -27,8 +27,9 @@ from backburner.store import codec
 from backburner.store.base import Database, one_of
 from backburner.store.codec import printable
 from backburner.store.idempotency import IdempotencyKeys
-from backburner.store.queue import TERMINAL_COLS, fair_keys, group_counts, new_rows
+from backburner.store.queue import TERMINAL_COLS, group_counts, new_rows
 from backburner.store.tables import generations, groups
+from backburner.store.tenants import Tenants
 from backburner.store.terminal import Terminal
 
 G = generations
@@ -50,10 +51,17 @@ def _not_cancellable(group_id: str, status: str) -> Conflict:
 
 
 class Groups:
-    def __init__(self, db: Database, terminal: Terminal, idempotency: IdempotencyKeys) -> None:
+    def __init__(
+        self,
+        db: Database,
+        terminal: Terminal,
+        idempotency: IdempotencyKeys,
+        tenants: Tenants,
+    ) -> None:
         self._db = db
         self._terminal = terminal
         self._idempotency = idempotency
+        self._tenants = tenants
 
     async def submit(
         self,
@@ -95,12 +103,13 @@ class Groups:
         # fair keys from 0 for now: the real first key is known only inside the transaction
         rows = new_rows(tenant, items, [new_id() for _ in items], 0, now, expires, group_id=gid)
         async with self._db.writer.begin() as conn:
+            # the tenant's limits first (its row locked): refused, nothing is written
+            keys = await self._tenants.admit(conn, tenant, generations=size)
             if idempotency is not None:
                 await self._idempotency.save_on(conn, tenant, idempotency, now, idempotency_ttl)
             await conn.execute(_INSERT_GROUP, group_row)
-            first = await fair_keys(self._db, conn, tenant, size)
             for i, row in enumerate(rows):
-                row["fair_key"] = first + i
+                row["fair_key"] = keys.first_key + i * keys.step
             await conn.execute(_INSERT_GENERATIONS, rows)
         return GroupRecord(
             id=gid,

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from backburner.core.clock import utcnow
 from backburner.core.ids import new_api_key, new_id
 from backburner.store.base import Database
-from backburner.store.tables import api_keys
+from backburner.store.tables import api_keys, tenants
 
 
 def hash_key(key: str) -> str:
@@ -55,16 +55,21 @@ class Keys:
             ).scalar_one_or_none()
 
     async def identify(self, key: str) -> tuple[str, bool] | None:
-        """``(tenant, admin)`` of a live (unrevoked) key, or None."""
+        """``(tenant, admin)`` of a live (unrevoked) key of an enabled tenant, or None."""
+        found = await self.lookup(key)
+        return None if found is None or found[2] else found[:2]
+
+    async def lookup(self, key: str) -> tuple[str, bool, bool] | None:
+        """``(tenant, admin, tenant disabled)`` of a live (unrevoked) key, or None."""
         async with self._db.reader.connect() as conn:
             row = (
                 await conn.execute(
-                    sa.select(api_keys.c.tenant, api_keys.c.admin).where(
-                        api_keys.c.key_hash == hash_key(key), api_keys.c.revoked_at.is_(None)
-                    )
+                    sa.select(api_keys.c.tenant, api_keys.c.admin, tenants.c.disabled_at)
+                    .select_from(api_keys.outerjoin(tenants, tenants.c.tenant == api_keys.c.tenant))
+                    .where(api_keys.c.key_hash == hash_key(key), api_keys.c.revoked_at.is_(None))
                 )
             ).first()
-        return None if row is None else (str(row[0]), bool(row[1]))
+        return None if row is None else (str(row[0]), bool(row[1]), row[2] is not None)
 
     async def any_created(self) -> bool:
         """Whether a key was ever created, revoked or not: once one was, the server never runs

@@ -9,6 +9,8 @@
     store.webhooks      create, list, get, exists, update, delete                (endpoints)
     store.outbox        enqueue_test, claim, record_attempt, attempts, redeliver, count_by_state
     store.keys          create, tenant_for, any_created, list, revoke               (API keys)
+    store.tenants       admit, check_realtime, create, list, get, update, hold   (limits, weights)
+    store.usage         add, report, tokens_on                  (tokens and requests per day)
     store.idempotency   answer, save                                            (Idempotency-Key)
     store.retention     purge                          (maintenance: what is old enough goes)
     store.deadlines     pace, open_work                 (estimates and work at risk)
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from backburner.schemas.tenants import Limits
 from backburner.store.base import Database
 from backburner.store.batch_runs import BatchRuns
 from backburner.store.batches import Batches
@@ -35,14 +38,16 @@ from backburner.store.idempotency import IdempotencyKeys
 from backburner.store.keys import Keys
 from backburner.store.outbox import Outbox
 from backburner.store.retention import Retention
+from backburner.store.tenants import Tenants
 from backburner.store.terminal import Terminal
+from backburner.store.usage import Usage
 from backburner.store.views import Views
 from backburner.store.webhooks import Webhooks
 from backburner.store.work import Work
 
 
 class Store:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, limits: Limits | None = None) -> None:
         self._db = db = Database(url)
         self.url = url
         self.sqlite = db.sqlite
@@ -51,11 +56,13 @@ class Store:
         self.webhooks = Webhooks(db)
         self.outbox = Outbox(db, self.webhooks)
         terminal = Terminal(self.outbox)
-        self.generations = Generations(db, terminal, self.idempotency)
-        self.work = Work(db, terminal, self.idempotency)
-        self.groups = Groups(db, terminal, self.idempotency)
-        self.batches = Batches(db, terminal)
-        self.batch_runs = BatchRuns(db, terminal)
+        self.usage = Usage(db)
+        self.tenants = Tenants(db, self.usage, limits)
+        self.generations = Generations(db, terminal, self.idempotency, self.tenants)
+        self.work = Work(db, terminal, self.idempotency, self.usage)
+        self.groups = Groups(db, terminal, self.idempotency, self.tenants)
+        self.batches = Batches(db, terminal, self.tenants)
+        self.batch_runs = BatchRuns(db, terminal, self.tenants)
         self.files = Files(db, self.idempotency)
         self.retention = Retention(db)
         self.deadlines = Deadlines(db)

@@ -67,6 +67,43 @@ tenants = sa.Table(
     sa.Column("tenant", sa.String(128), primary_key=True),
     # virtual clock for fair ordering across tenants (see store/queue.py)
     sa.Column("vclock", sa.BigInteger(), nullable=False, server_default="0"),
+    # share of background capacity while others have work too (store/queue.py: fair keys)
+    sa.Column("weight", sa.Float(), nullable=False, server_default="1"),
+    # its own limits, JSON (schemas/tenants.py); NULL: the defaults
+    sa.Column("limits", sa.Text(), nullable=True),
+    # disabled: its keys stop working, its queued work is held (store/tenants.py)
+    sa.Column("disabled_at", UTCDateTime(), nullable=True),
+    # slow and group generations Queued or In Progress (max_queued_generations)
+    sa.Column("open_generations", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("created_at", UTCDateTime(), nullable=True),
+)
+
+# Requests per minute, counted in the database so that every API process shares them: one row
+# per tenant and kind of request, a GCRA cell (store/rates.py)
+rate_limits = sa.Table(
+    "rate_limits",
+    metadata,
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("bucket", sa.String(16), primary_key=True),
+    # the theoretical arrival time, seconds since the epoch
+    sa.Column("tat", sa.Float(), nullable=False),
+)
+
+# Usage per tenant, UTC day, model and lane (realtime, slow, group, batch), written with each
+# outcome (store/usage.py)
+usage = sa.Table(
+    "usage",
+    metadata,
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("day", sa.String(10), primary_key=True),  # YYYY-MM-DD
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("lane", sa.String(16), primary_key=True),
+    sa.Column("requests", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("failed", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("prompt_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("completion_tokens", sa.BigInteger(), nullable=False, server_default="0"),
+    # an admin's report over every tenant: by day
+    sa.Index("ix_usage_day", "day"),
 )
 
 groups = sa.Table(
@@ -196,6 +233,8 @@ batches = sa.Table(
     # lines inserted as generations so far (loading resumes from here after a crash)
     sa.Column("loaded", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("fair_start", sa.BigInteger(), nullable=True),
+    # fair keys of its lines: fair_start + index * fair_step (NULL: the unit step)
+    sa.Column("fair_step", sa.BigInteger(), nullable=True),
     sa.Column("output_file_id", ID, nullable=True),
     sa.Column("error_file_id", ID, nullable=True),
     # validation runs in a worker under a lease, like a generation

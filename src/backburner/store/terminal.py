@@ -10,7 +10,8 @@ request kept for its webhook. That is where
 - each group counts its finished generations; the one transaction that brings ``pending`` to 0
   completes the group (and queues ``slow-group.completed``);
 - each batch counts completed and failed requests; the one that brings ``pending`` to 0 moves the
-  batch to ``finalizing`` (a batch being cancelled stays ``cancelling`` until its files exist).
+  batch to ``finalizing`` (a batch being cancelled stays ``cancelling`` until its files exist);
+- each tenant's count of open slow and group generations (``max_queued_generations``) goes down.
 
 The counters are UPDATEs of the group or batch row, so concurrent finishers serialise on that row
 and exactly one of them sees ``pending`` reach zero.
@@ -37,7 +38,7 @@ from backburner.store import codec
 from backburner.store.base import one_of
 from backburner.store.outbox import Outbox
 from backburner.store.queue import group_counts
-from backburner.store.tables import batches, generations, groups
+from backburner.store.tables import batches, generations, groups, tenants
 
 B = batches
 G = generations
@@ -50,16 +51,23 @@ class Terminal:
         self._outbox = outbox
 
     async def generations_finished(
-        self, conn: AsyncConnection, finished: Sequence[Any], now: datetime
+        self,
+        conn: AsyncConnection,
+        finished: Sequence[Any],
+        now: datetime,
+        *,
+        counted: bool = True,
     ) -> list[str]:
         """Book generations that just became terminal, on the ``conn`` that made them so.
 
         ``finished`` holds rows or mappings with at least id, group_id, webhook_id, batch_id
         and state (:data:`backburner.store.queue.TERMINAL_COLS`); a whole generation row is used
         as it is, otherwise one with a webhook is read back for its event. Returns the groups that
-        completed.
+        completed. ``counted``: the generations were open (a realtime one kept for its webhook
+        never was), so each tenant's ``open_generations`` goes down by its slow and group ones.
         """
         per_group: Counter[str] = Counter()
+        per_tenant: Counter[str] = Counter()
         per_batch: dict[str, tuple[int, int]] = {}
         for r in finished:
             m = r._mapping if hasattr(r, "_mapping") else r
@@ -72,13 +80,22 @@ class Terminal:
                 await self._outbox.generation_completed(conn, codec.generation(full), now)
             if m["group_id"]:
                 per_group[m["group_id"]] += 1
+            if counted and not m["batch_id"]:
+                per_tenant[m["tenant"]] += 1
             if m["batch_id"]:
                 ok, bad = per_batch.get(m["batch_id"], (0, 0))
                 success = m["state"] == State.SUCCESS.value
                 per_batch[m["batch_id"]] = (ok + success, bad + (not success))
         if per_batch:
             await self.batch_generations_finished(conn, per_batch, now)
-        return await self._groups_finished(conn, per_group, now)
+        completed = await self._groups_finished(conn, per_group, now)
+        for tenant, n in sorted(per_tenant.items()):  # after the group and batch rows, sorted
+            await conn.execute(
+                tenants.update()
+                .where(tenants.c.tenant == tenant)
+                .values(open_generations=tenants.c.open_generations - n)
+            )
+        return completed
 
     async def batch_generations_finished(
         self, conn: AsyncConnection, per_batch: Mapping[str, tuple[int, int]], now: datetime

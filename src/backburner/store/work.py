@@ -28,9 +28,10 @@ from backburner.schemas.generation import GenerationRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of, unreachable
 from backburner.store.idempotency import IdempotencyKeys
-from backburner.store.queue import TERMINAL_COLS
+from backburner.store.queue import HELD, TERMINAL_COLS
 from backburner.store.tables import UTCDateTime, generations, groups
 from backburner.store.terminal import Terminal
+from backburner.store.usage import Tally, Usage, day_of, lane_of, tokens_of
 
 G = generations
 #: deadlines closer than this count as the same (the lines of one batch, say)
@@ -68,10 +69,13 @@ def _utc(raw: Any) -> datetime | None:
 
 
 class Work:
-    def __init__(self, db: Database, terminal: Terminal, idempotency: IdempotencyKeys) -> None:
+    def __init__(
+        self, db: Database, terminal: Terminal, idempotency: IdempotencyKeys, usage: Usage
+    ) -> None:
         self._db = db
         self._terminal = terminal
         self._idempotency = idempotency
+        self._usage = usage
         # tenant -> (when, bound): it had no runnable work due before ``bound`` at ``when``
         self._calm: dict[str, tuple[float, datetime]] = {}
 
@@ -102,6 +106,7 @@ class Work:
             one_of(G.c.state, sources(State.IN_PROGRESS)),
             G.c.available_at <= now,
             G.c.model.in_(models),
+            G.c.fair_key < HELD,  # a disabled tenant's work is held (store/tenants.py)
         )
         take = (
             G.update()
@@ -288,6 +293,8 @@ class Work:
                 await conn.execute(
                     sa.select(
                         G.c.id,
+                        G.c.tenant,
+                        G.c.model,
                         G.c.group_id,
                         G.c.webhook_id,
                         G.c.batch_id,
@@ -302,10 +309,13 @@ class Work:
                 )
             ).all()
             owned = {
-                r.id: {k: v for k, v in r._mapping.items() if k != "lease_owner"}
+                r.id: {k: v for k, v in r._mapping.items() if k not in ("lease_owner", "model")}
                 for r in rows
                 if r.lease_owner is not None and r.lease_owner == leases.get(r.id)
             }
+            models = {r.id: r.model for r in rows}
+            tally = Tally()
+            day = day_of(now)
             done: list[dict[str, Any]] = []
             retry: list[dict[str, Any]] = []
             finished: list[dict[str, Any]] = []
@@ -333,6 +343,16 @@ class Work:
                     }
                 )
                 finished.append({**row, "state": o.state.value})
+                prompt, completion = tokens_of(o.response)
+                tally.add(
+                    row["tenant"],
+                    day,
+                    models[o.generation_id],
+                    lane_of(row["batch_id"], row["group_id"]),
+                    failed=o.state is State.FAILED,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                )
             if done:
                 await conn.execute(
                     G.update()
@@ -360,7 +380,11 @@ class Work:
                     ),
                     retry,
                 )
-            return await self._terminal.generations_finished(conn, finished, now)
+            completed = await self._terminal.generations_finished(conn, finished, now)
+            # usage with the outcome, in its transaction; its rows last (every writer's order)
+            await self._usage.add_on(conn, tally)
+        self._usage.committed(tally)
+        return completed
 
     async def release(self, leases: Leases) -> int:
         """Give back generations a stopping worker did not finish (the try is not counted)."""
