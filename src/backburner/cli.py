@@ -314,7 +314,7 @@ def webhooks_deliveries(
     Console().print(table)
 
 
-register_client_commands(app)  # submit, watch, results, cancel, ls: src/backburner/cli_client.py
+register_client_commands(app)  # submit, watch, results, cancel, ls, usage: cli_client.py
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The command line as a client of any backburner, over HTTP: submit, watch, results, cancel, ls.
+"""The command line as a client of any backburner, over HTTP: submit, watch, results, cancel, ls,
+usage.
 
 Built on :mod:`backburner.client`; nothing here touches a database. The base URL and API key come
 from ``--base-url`` / ``--api-key`` or ``BACKBURNER_BASE_URL`` / ``BACKBURNER_API_KEY``. Standard
@@ -34,6 +35,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:  # imported when a command runs: serve, worker and keys never need the client
     from backburner.client import BackburnerAPIError, Client, Snapshot
+    from backburner.schemas.tenants import UsageReport, UsageRow
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -323,7 +325,69 @@ def ls(
     err.print("groups are not listed: the API has no route that lists groups")
 
 
+USAGE_COUNTS = ("requests", "failed", "prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def usage_table(report: UsageReport) -> Table:
+    """One row per combination of the ``group_by`` keys, then the total."""
+    keys = list(report.group_by)
+    table = Table(
+        *(keys or [""]),
+        *(c.replace("_", " ") for c in USAGE_COUNTS),
+        title=f"usage {report.start} to {report.end} (UTC days)",
+    )
+    for column in table.columns[len(keys or [""]) :]:
+        column.justify = "right"
+
+    def cells(row: UsageRow) -> list[str]:
+        return [f"{getattr(row, c):,}" for c in USAGE_COUNTS]
+
+    for i, row in enumerate(report.data):
+        labels = ["" if getattr(row, k) is None else str(getattr(row, k)) for k in keys]
+        table.add_row(*labels, *cells(row), end_section=i == len(report.data) - 1)
+    blank = [""] * (max(len(keys), 1) - 1)
+    table.add_row("total", *blank, *cells(report.total), style="bold")
+    return table
+
+
+def usage(
+    start: Annotated[
+        str | None, typer.Option(help="First UTC day, YYYY-MM-DD (default: 6 days before end).")
+    ] = None,
+    end: Annotated[
+        str | None, typer.Option(help="Last UTC day, YYYY-MM-DD, included (default: today).")
+    ] = None,
+    group_by: Annotated[
+        str | None,
+        typer.Option(
+            "--group-by",
+            help="Comma-separated keys: day, tenant, model, lane (default day,model,lane;"
+            " '' for one total).",
+        ),
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Only this tenant (an admin key; default: every tenant).")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    lane: Annotated[
+        str | None, typer.Option(help="Only this lane: realtime, slow, group or batch.")
+    ] = None,
+    as_json: JsonOpt = False,
+    base_url: BaseUrlOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Requests and tokens per day, model and lane (a tenant's key: its own; an admin key: all)."""
+    with _client(base_url, api_key) as bb:
+        report = bb.usage(
+            start=start, end=end, group_by=group_by, tenant=tenant, model=model, lane=lane
+        )
+    if as_json:
+        typer.echo(json.dumps(report.model_dump(mode="json")))
+        return
+    Console(width=max(120, Console().width)).print(usage_table(report))
+
+
 def register(app: typer.Typer) -> None:
     """Add the client commands to the ``backburner`` command line."""
-    for command in (submit, watch, results, cancel, ls):
+    for command in (submit, watch, results, cancel, ls, usage):
         app.command(name=command.__name__)(friendly(command))

@@ -345,6 +345,31 @@ async def test_keys_page_creates_and_revokes(keyed: Any) -> None:
         assert api.status_code == 401
 
 
+async def test_keys_page_disables_and_enables_a_tenant(keyed: Any) -> None:
+    """Disable from the tenants table: the tenant's keys stop at once (dashboard and API), its
+    queued work stays Queued; enable: the keys work again."""
+    h = keyed
+    auth = {"Authorization": f"Bearer {h.key_a}"}
+    body = {"model": FAKE_MODEL, "messages": [{"role": "user", "content": "held"}]}
+    async with browser(h) as admin, browser(h) as c:
+        await sign_in(admin, h.key_admin)
+        await sign_in(c, h.key_a)
+        page = (await admin.get("/ui/keys")).text
+        assert 'action="/ui/tenants/team-a/enable"' in page and "Disable" in page
+        r = await post(admin, "/ui/tenants/team-a/enable", "/ui/keys", enabled="false")
+        assert r.status_code == 303
+        assert (await h.state.store.tenants.get("team-a")).disabled
+        assert (await c.get("/ui/")).status_code == 303  # signed out
+        r = await h.client.post("/v1/slow/chat/completions", json=body, headers=auth)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "tenant_disabled"
+        page = (await admin.get("/ui/keys")).text
+        assert "Enable" in page
+        r = await post(admin, "/ui/tenants/team-a/enable", "/ui/keys", enabled="true")
+        assert r.status_code == 303
+        r = await h.client.post("/v1/slow/chat/completions", json=body, headers=auth)
+        assert r.status_code == 200, r.text
+
+
 async def test_overview_counts_open_work(harness_factory: Any, tmp_path: Any) -> None:
     h = await harness_factory(run_worker=False)
     for i in range(3):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import date
 from typing import Any, Literal, TypeVar
 
 import httpx
@@ -152,6 +153,29 @@ def infer_kind(body: Mapping[str, Any]) -> Kind:
 
 def idempotency(key: str | None) -> dict[str, str]:
     return {"Idempotency-Key": key} if key else {}
+
+
+def usage_params(
+    *,
+    start: date | str | None,
+    end: date | str | None,
+    group_by: Sequence[str] | str | None,
+    tenant: str | None,
+    model: str | None,
+    lane: str | None,
+) -> dict[str, str]:
+    """The query of ``GET /v1/usage``: what is None is left to the server's default (the last
+    7 days, by day, model and lane); ``group_by=[]`` asks for one row of totals."""
+    params: dict[str, str] = {}
+    for name, day in (("start", start), ("end", end)):
+        if day is not None:
+            params[name] = day.isoformat() if isinstance(day, date) else day
+    if group_by is not None:
+        params["group_by"] = group_by if isinstance(group_by, str) else ",".join(group_by)
+    for name, value in (("tenant", tenant), ("model", model), ("lane", lane)):
+        if value is not None:
+            params[name] = value
+    return params
 
 
 # ---------------------------------------------------------------- waiting

@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import date
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +33,7 @@ from backburner.client._core import (
     idempotency,
     infer_kind,
     parse,
+    usage_params,
 )
 from backburner.client.webhooks import AsyncWebhooks
 from backburner.core.states import Kind
@@ -39,6 +41,7 @@ from backburner.schemas.batch import Batch, BatchList
 from backburner.schemas.files import FileDeleted, FileObject
 from backburner.schemas.generation import Generation, Group, GroupSubmitted, GroupWithGenerations
 from backburner.schemas.openai import GenerationSubmitted
+from backburner.schemas.tenants import UsageReport
 
 OnUpdate = Callable[[Snapshot], None]
 
@@ -300,6 +303,27 @@ class AsyncClient(AsyncWebhooks):
                 yield generation_line(gen).to_line()
         else:
             yield generation_line(await self.get_generation(object_id)).to_line()
+
+    # ------------------------------------------------------------ usage
+
+    async def usage(
+        self,
+        *,
+        start: date | str | None = None,
+        end: date | str | None = None,
+        group_by: Sequence[str] | str | None = None,
+        tenant: str | None = None,
+        model: str | None = None,
+        lane: str | None = None,
+    ) -> UsageReport:
+        """Requests and tokens from ``start`` to ``end`` (UTC days, both included; default the
+        last 7 days) per combination of ``group_by`` (``day``, ``tenant``, ``model``, ``lane``;
+        default day, model and lane). A tenant's key sees its own usage; an admin key every
+        tenant's, or ``tenant``'s."""
+        params = usage_params(
+            start=start, end=end, group_by=group_by, tenant=tenant, model=model, lane=lane
+        )
+        return await self._call(UsageReport, "GET", "/v1/usage", params=params)
 
     # ------------------------------------------------------------ any of the three
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -103,6 +105,17 @@ async def redeliver(request: Request, u: UI, viewer: Viewer) -> Response:
 
 
 # ---------------------------------------------------------------------- keys (admin)
+async def _tenants(u: UI) -> list[dict[str, Any]]:
+    """Every tenant with a key or a row of its own: key counts, weight, open work, state."""
+    rows = {
+        t.tenant: {"tenant": t.tenant, "keys": t.keys, "live_keys": t.live_keys}
+        for t in (await u.ctx.store.views.tenants())
+    }
+    for t in await u.ctx.store.tenants.list(limit=1000):
+        rows.setdefault(t.id, {"tenant": t.id, "keys": 0, "live_keys": 0})["info"] = t
+    return [rows[k] for k in sorted(rows)]
+
+
 async def keys(request: Request, u: UI, viewer: Viewer) -> Response:
     rows = await u.ctx.store.keys.list()
     tenant = request.query_params.get("tenant") or None
@@ -114,11 +127,21 @@ async def keys(request: Request, u: UI, viewer: Viewer) -> Response:
         "keys.html",
         {
             "keys": list(reversed(rows)),
-            "tenants": await u.ctx.store.views.tenants(),
+            "tenants": await _tenants(u),
             "tenant": tenant,
             "created": None,
         },
     )
+
+
+async def tenant_enable(request: Request, u: UI, viewer: Viewer) -> Response:
+    """Disable a tenant (keys refused, queued work held) or enable it again."""
+    name = request.path_params["tenant"]
+    enabled = form(request).get("enabled") == "true"
+    await u.ctx.store.tenants.update(name, disabled=not enabled)
+    u.ctx.key_cache.clear()  # its keys stop working here at once
+    u.sessions.forget_all()
+    return back(f"{PREFIX}/keys", f"Tenant {name} {'enabled' if enabled else 'disabled'}.")
 
 
 async def key_create(request: Request, u: UI, viewer: Viewer) -> Response:
@@ -141,7 +164,7 @@ async def key_create(request: Request, u: UI, viewer: Viewer) -> Response:
         "keys.html",
         {
             "keys": list(reversed(rows)),
-            "tenants": await u.ctx.store.views.tenants(),
+            "tenants": await _tenants(u),
             "tenant": None,
             "created": {"id": kid, "key": key, "tenant": tenant, "admin": admin},
         },
@@ -170,4 +193,5 @@ def routes() -> list[BaseRoute]:
         Route("/keys", page(keys, admin=True), methods=get),
         Route("/keys/create", page(key_create, admin=True), methods=post),
         Route("/keys/{key_id}/revoke", page(key_revoke, admin=True), methods=post),
+        Route("/tenants/{tenant}/enable", page(tenant_enable, admin=True), methods=post),
     ]

@@ -29,6 +29,12 @@ class Keys:
         key = new_api_key()
         kid = new_id()
         async with self._db.writer.begin() as conn:
+            # a tenant exists once it has a key (or submitted): the admin API and CLI see it
+            await self._db.insert_ignore(
+                conn,
+                tenants,
+                {"tenant": tenant, "vclock": 0, "weight": 1.0, "created_at": utcnow()},
+            )
             await conn.execute(
                 api_keys.insert().values(
                     id=kid,

@@ -44,8 +44,11 @@ from backburner.store.usage import Usage, day_of
 T = tenants
 G = generations
 B = batches
-#: a full queue: try again after this many seconds (work drains meanwhile)
+#: a full queue: try again when enough has finished at the tenant's pace over the last
+#: PACE_SECONDS (this many seconds when nothing finished then), at most MAX_QUEUE_WAIT
 QUEUE_RETRY_AFTER = 10.0
+PACE_SECONDS = 60.0
+MAX_QUEUE_WAIT = 300.0
 Bucket = Literal["submit", "realtime"]
 #: a batch whose lines count against max_batch_lines_in_flight
 LINES_IN_FLIGHT = (BatchStatus.VALIDATING, *BATCH_RUNNING, BatchStatus.FINALIZING)
@@ -128,6 +131,10 @@ class Tenants:
             cap = lim.max_queued_generations
             if t.open_generations + generations > cap:
                 fits = generations <= cap
+                wait = None
+                if fits:
+                    need = t.open_generations + generations - cap
+                    wait = await self._queue_wait(conn, tenant, need, now)
                 raise TooManyRequests(
                     f"tenant '{tenant}' has reached its limit of {cap} queued generations"
                     f" (max_queued_generations = {cap}): {t.open_generations} are Queued or"
@@ -138,7 +145,7 @@ class Tenants:
                         else f" A request of {generations} never fits: send at most {cap}."
                     ),
                     limit="max_queued_generations",
-                    retry_after=QUEUE_RETRY_AFTER if fits else None,
+                    retry_after=wait,
                 )
         if batch_lines and lim.max_batch_lines_in_flight is not None:
             cap = lim.max_batch_lines_in_flight
@@ -173,6 +180,27 @@ class Tenants:
             await conn.execute(sa.select(T.c.disabled_at).where(T.c.tenant == tenant))
         ).scalar_one_or_none()
         return at is not None
+
+    async def _queue_wait(
+        self, conn: AsyncConnection, tenant: str, need: int, now: datetime
+    ) -> float:
+        """Seconds until ``need`` of ``tenant``'s open generations have finished, at the pace
+        of its last minute (:data:`QUEUE_RETRY_AFTER` when nothing finished in it), within 1 s
+        to 5 min."""
+        since = now - timedelta(seconds=PACE_SECONDS)
+        done = (
+            await conn.execute(
+                sa.select(sa.func.count()).where(
+                    G.c.tenant == tenant,
+                    G.c.finished_at >= since,
+                    G.c.batch_id.is_(None),
+                    G.c.attempts > 0,
+                )
+            )
+        ).scalar_one()
+        if not done:
+            return QUEUE_RETRY_AFTER
+        return min(MAX_QUEUE_WAIT, max(1.0, need * PACE_SECONDS / int(done)))
 
     async def keys(self, conn: AsyncConnection, tenant: str, n: int) -> Admitted:
         """Fair keys for ``n`` lines of an admitted batch, on the caller's transaction."""
@@ -284,7 +312,11 @@ class Tenants:
         async with self._db.writer.begin() as conn:
             found = (await conn.execute(sa.select(T.c.tenant).where(T.c.tenant == tenant))).first()
             if found is not None:
-                raise Conflict(f"tenant '{tenant}' exists already", code="tenant_exists")
+                raise Conflict(
+                    f"tenant '{tenant}' exists already; change it with PATCH"
+                    f" /v1/admin/tenants/{tenant}",
+                    code="tenant_exists",
+                )
             await conn.execute(
                 T.insert().values(
                     tenant=tenant,
@@ -417,7 +449,7 @@ class Tenants:
                     G.c.fair_key >= floor,
                     G.c.fair_key < HELD,
                 )
-                .values(fair_key=floor + ((G.c.fair_key - floor) * new) / old)
+                .values(fair_key=floor + ((G.c.fair_key - floor) * new) // old)
             )
             running = (
                 await conn.execute(

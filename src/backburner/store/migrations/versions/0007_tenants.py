@@ -62,6 +62,12 @@ def upgrade() -> None:
         f"UPDATE batches SET fair_start = fair_start * {STEP}, fair_step = {STEP}"
         " WHERE fair_start IS NOT NULL"
     )
+    # a tenant exists once it has a key or submitted: rows for the tenants of keys
+    op.execute(
+        "INSERT INTO tenants (tenant, vclock, weight, open_generations)"
+        " SELECT DISTINCT k.tenant, 0, 1, 0 FROM api_keys k"
+        " WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.tenant = k.tenant)"
+    )
     # every tenant with open work has a row (submitting made one); count what it has open
     op.execute(
         "UPDATE tenants SET open_generations = (SELECT count(*) FROM generations g"
