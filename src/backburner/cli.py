@@ -1,4 +1,4 @@
-"""The command line: the composition root for serve, worker, keys and db."""
+"""The command line: the composition root for serve, worker, keys, tenants and db."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from rich.table import Table
 
 from backburner import __version__
 from backburner.cli_client import register as register_client_commands
+from backburner.cli_tenants import register as register_tenant_commands
 from backburner.config import Settings, load_settings
 
 app = typer.Typer(help="backburner: the slow lane for LLM inference.", no_args_is_help=True)
@@ -23,6 +24,7 @@ keys_app = typer.Typer(help="API keys and tenants.", no_args_is_help=True)
 db_app = typer.Typer(help="The database.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+register_tenant_commands(app)  # backburner tenants ...: cli_tenants.py
 hooks_app = typer.Typer(help="Webhooks (per tenant).", no_args_is_help=True)
 app.add_typer(hooks_app, name="webhooks")
 TenantOpt = Annotated[str, typer.Option(help="Tenant that owns the webhook.")]

@@ -330,14 +330,18 @@ USAGE_COUNTS = ("requests", "failed", "prompt_tokens", "completion_tokens", "tot
 
 def usage_table(report: UsageReport) -> Table:
     """One row per combination of the ``group_by`` keys, then the total."""
-    keys = list(report.group_by)
+    keys: list[str] = list(report.group_by)
+    label_columns = keys or [""]  # no keys: one row, the total
     table = Table(
-        *(keys or [""]),
+        *label_columns,
         *(c.replace("_", " ") for c in USAGE_COUNTS),
         title=f"usage {report.start} to {report.end} (UTC days)",
     )
-    for column in table.columns[len(keys or [""]) :]:
+    for column in table.columns[: len(label_columns)]:
+        column.overflow = "fold"  # a narrow terminal folds a long model name, never cuts it
+    for column in table.columns[len(label_columns) :]:
         column.justify = "right"
+        column.no_wrap = True
 
     def cells(row: UsageRow) -> list[str]:
         return [f"{getattr(row, c):,}" for c in USAGE_COUNTS]
@@ -345,7 +349,7 @@ def usage_table(report: UsageReport) -> Table:
     for i, row in enumerate(report.data):
         labels = ["" if getattr(row, k) is None else str(getattr(row, k)) for k in keys]
         table.add_row(*labels, *cells(row), end_section=i == len(report.data) - 1)
-    blank = [""] * (max(len(keys), 1) - 1)
+    blank = [""] * (len(label_columns) - 1)
     table.add_row("total", *blank, *cells(report.total), style="bold")
     return table
 

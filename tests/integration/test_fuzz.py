@@ -47,6 +47,7 @@ from backburner.schemas.openai import (
     EmbeddingList,
     GenerationSubmitted,
 )
+from backburner.schemas.tenants import Tenant, TenantList
 from backburner.schemas.webhook import (
     ALL_EVENTS,
     DeliveryQueued,
@@ -74,8 +75,12 @@ from tests.support.fuzz_bodies import (
     full,
     full_batch,
     full_group,
+    full_tenant,
+    full_tenant_update,
     full_webhook,
     group,
+    tenant_create,
+    tenant_update,
     webhook_create,
     webhook_update,
 )
@@ -205,6 +210,32 @@ async def webhook_updated(world: World, sent: Sent, r: httpx.Response) -> None:
         assert hook[key] == ((value or list(ALL_EVENTS)) if key == "events" else value), key
 
 
+async def tenant_created(world: World, sent: Sent, r: httpx.Response) -> None:
+    made = Tenant.model_validate(r.json()).model_dump(mode="json")
+    body = sent.body
+    assert await read(world, f"/v1/admin/tenants/{made['id']}", Tenant) == made
+    listed = await read(world, "/v1/admin/tenants?limit=1000", TenantList)
+    assert made in listed["data"]
+    assert made["id"] == body["id"] and made["weight"] == body.get("weight", 1.0)
+    assert made["limits"] == body.get("limits", {})
+    assert made["disabled"] == body.get("disabled", False)
+
+
+async def tenant_updated(world: World, sent: Sent, r: httpx.Response) -> None:
+    changed = Tenant.model_validate(r.json()).model_dump(mode="json")
+    assert await read(world, sent.path, Tenant) == changed
+    body = sent.body
+    if body.get("weight") is not None:
+        assert changed["weight"] == body["weight"]
+    if body.get("disabled") is not None:
+        assert changed["disabled"] == body["disabled"]
+    for name, value in (body.get("limits") or {}).items():
+        if value == "default":
+            assert name not in changed["limits"], name
+        else:
+            assert changed["limits"][name] == value, name
+
+
 async def listed_batch(world: World, batch_id: str) -> dict[str, Any]:
     after: str | None = None
     while True:
@@ -326,6 +357,16 @@ ROUTES: dict[ROUTE, Route] = {
         None, event_queued, ids={"delivery_id": "delivery"}, examples=12
     ),
     ("POST", "/v1/batches"): Route(batch_create, batch_accepted, examples=20, full=full_batch),
+    ("POST", "/v1/admin/tenants"): Route(
+        tenant_create, tenant_created, examples=20, full=full_tenant
+    ),
+    ("PATCH", "/v1/admin/tenants/{tenant_id}"): Route(
+        tenant_update,
+        tenant_updated,
+        ids={"tenant_id": "other_tenant"},
+        examples=20,
+        full=full_tenant_update,
+    ),
     ("POST", "/v1/batches/{batch_id}/cancel"): Route(
         None, read_back("/v1/batches/{id}", Batch), ids={"batch_id": "new_batch"}, examples=12
     ),

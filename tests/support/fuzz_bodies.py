@@ -10,6 +10,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from backburner.schemas.tenants import LIMIT_NAMES, MAX_WEIGHT, MIN_WEIGHT
 from backburner.schemas.webhook import ALL_EVENTS
 from tests.conftest import FAKE_MODEL
 from tests.support.fuzz import json_values
@@ -113,6 +114,45 @@ def webhook_update(world: World) -> st.SearchStrategy[dict[str, Any]]:
         {"name": st.one_of(st.none(), TEXT)},
         optional={"url": st.just(HOOK_URL + "/2"), **WEBHOOK_FIELDS},
     )
+
+
+LIMITS = st.dictionaries(
+    st.sampled_from(LIMIT_NAMES), st.one_of(st.none(), st.integers(0, 10**9)), max_size=5
+)
+WEIGHTS = st.floats(MIN_WEIGHT, MAX_WEIGHT, allow_nan=False)
+TENANT_IDS = st.from_regex(r"\A[a-z][a-z0-9._-]{0,30}\Z")
+
+
+def tenant_create(world: World) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {"id": TENANT_IDS},
+        optional={"weight": WEIGHTS, "limits": LIMITS, "disabled": st.booleans()},
+    )
+
+
+def tenant_update(world: World) -> st.SearchStrategy[dict[str, Any]]:
+    own = st.one_of(st.none(), st.integers(0, 10**9), st.just("default"))
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "weight": st.one_of(st.none(), WEIGHTS),
+            "limits": st.dictionaries(st.sampled_from(LIMIT_NAMES), own, max_size=5),
+            "disabled": st.one_of(st.none(), st.booleans()),
+        },
+    )
+
+
+def full_tenant(world: World) -> dict[str, Any]:
+    return {
+        "id": "full-tenant",
+        "weight": 2.5,
+        "limits": {"max_queued_generations": 10, "tokens_per_day": None},
+        "disabled": False,
+    }
+
+
+def full_tenant_update(world: World) -> dict[str, Any]:
+    return {"weight": 0.5, "limits": {"requests_per_minute": 5}, "disabled": False}
 
 
 def batch_create(world: World) -> st.SearchStrategy[dict[str, Any]]:

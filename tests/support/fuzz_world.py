@@ -26,6 +26,7 @@ from backburner.schemas.events import headers_for
 from backburner.services import Services
 from backburner.store import Store
 from backburner.store.tables import generations, metadata, webhook_events
+from backburner.store.usage import RealtimeUsage
 from tests.conftest import FAKE_MODEL, make_settings
 from tests.support.fake_backend import FakeBackend
 from tests.support.services import burst_services
@@ -102,6 +103,8 @@ class World:
     services: Services
     files_dir: Path
     ids: dict[str, str] = field(default_factory=dict)
+    # the app's realtime usage tally (its own services): written before each snapshot
+    realtime_usage: RealtimeUsage | None = None
     _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     @property
@@ -131,6 +134,7 @@ class World:
                 )
             )
             world = cls(client, services, files_dir, _stack=stack)
+            world.realtime_usage = app.state.services.realtime_usage
             await world._populate()
         except BaseException:
             await stack.aclose()
@@ -180,6 +184,7 @@ class World:
             "POST", "/v1/slow/group/chat/completions", json={"requests": [chat, chat]}
         )
         event = await self._ok("POST", f"/v1/webhooks/{hook['id']}/test")
+        tenant = await self._ok("POST", "/v1/admin/tenants", json={"id": "fuzz-other"})
         self.ids = {
             "hook": hook["id"],
             "other_hook": other["id"],
@@ -189,6 +194,7 @@ class World:
             "generation": gen["id"],
             "group": group["groupId"],
             "delivery": event["id"],
+            "other_tenant": tenant["id"],
         }
 
     async def upload(self, data: bytes, filename: str = "in.jsonl") -> dict[str, Any]:
@@ -210,6 +216,8 @@ class World:
     async def snapshot(self) -> dict[str, Any]:
         """Every row of every table, and the blobs on disk: a refusal changes none of it."""
         out: dict[str, Any] = {}
+        if self.realtime_usage is not None:
+            await self.realtime_usage.flush()  # what earlier examples ran, written now
         async with self.store.engine.connect() as conn:
             for table in metadata.sorted_tables:
                 rows = (await conn.execute(sa.select(table))).all()

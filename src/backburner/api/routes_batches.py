@@ -184,7 +184,7 @@ def batches_router() -> APIRouter:
         methods=["POST"],
         summary="Queue a finished batch's failed requests again",
         response_model=Batch,
-        responses=responses(404, 409),
+        responses=responses(404, 409, 429),
     )
     r.add_api_route(
         "/{batch_id}/results",

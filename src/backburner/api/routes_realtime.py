@@ -24,7 +24,7 @@ from backburner.api.state import AppState, app_state
 from backburner.backends.openai import loads
 from backburner.core.clock import utcnow
 from backburner.core.states import Kind, State, StateMessage
-from backburner.errors import BackendError
+from backburner.errors import BackendError, TenantDisabled, TooManyRequests
 from backburner.schemas.openai import (
     REQUESTS,
     ChatCompletion,
@@ -126,6 +126,12 @@ async def _stream(
     return _sse_response(events())
 
 
+async def _admit(ctx: AppState, tenant_id: str) -> None:
+    """The tenant's realtime limits (:meth:`~backburner.store.tenants.Tenants.check_realtime`)."""
+    pending = ctx.realtime_usage.pending(tenant_id) if ctx.realtime_usage is not None else 0
+    await ctx.store.tenants.check_realtime(tenant_id, pending)
+
+
 def _usage_in(data: bytes) -> dict[str, Any] | None:
     """The usage a streamed chunk reports (the last chunk, when the client or the engine asked
     for it); None for the rest, read without parsing them."""
@@ -200,32 +206,42 @@ async def realtime(kind: Kind, request: Request, tenant_id: str, ctx: AppState) 
         problems = await unknown_webhooks(ctx, tenant_id, [("", body)])
     if problems:
         raise invalid(problems)
-    pending = ctx.realtime_usage.pending(tenant_id) if ctx.realtime_usage is not None else 0
-    await ctx.store.tenants.check_realtime(tenant_id, pending)
     started = time.perf_counter()
     status = "ok"
     try:
+        # a replay (Idempotency-Key) runs nothing: it is answered before the tenant's limits
         if body.get("stream") is True:
             key, replayed = await idempotency.hold(ctx, tenant_id, request, raw)
             if replayed is not None:
                 return _replay_stream(kind, replayed)
+            try:
+                await _admit(ctx, tenant_id)
+            except BaseException:
+                if key is not None:
+                    await idempotency.drop(ctx, tenant_id, key)
+                raise
             return await _stream(ctx, tenant_id, kind, body, key)
 
         async def run() -> dict[str, Any]:
-            return await _run_and_notify(ctx, tenant_id, kind, body)
+            await _admit(ctx, tenant_id)
+            answer = await _run_and_notify(ctx, tenant_id, kind, body)
+            used = answer.get("usage")
+            await count_usage(
+                ctx, tenant_id, body, used if isinstance(used, dict) else None, failed=False
+            )
+            return answer
 
         answer = await idempotency.once(ctx, tenant_id, request, raw, run)
         if isinstance(answer, Response):
-            return answer  # a replay: counted when it ran
-        used = answer.get("usage")
-        await count_usage(
-            ctx, tenant_id, body, used if isinstance(used, dict) else None, failed=False
-        )
+            return answer
         # the engine's answer as it came (only the model renamed): no response-model pass
         return Response(orjson.dumps(answer), media_type="application/json")
     except BackendError:
         status = "error"
         await count_usage(ctx, tenant_id, body, None, failed=True)
+        raise
+    except (TooManyRequests, TenantDisabled):
+        status = "refused"
         raise
     finally:
         elapsed = time.perf_counter() - started

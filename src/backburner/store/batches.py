@@ -213,6 +213,9 @@ class Batches:
             ).one()
             # new fair keys, in input order: retried lines queue behind what other tenants
             # submitted since, not ahead of it with the keys they had at the first run
+            # a retry is a submission of the failed lines: the tenant's limits apply (and a
+            # disabled tenant's retry is refused, as its keys are)
+            await self._tenants.admit(conn, tenant, batch_lines=b.failed)
             keys = await self._tenants.keys(conn, tenant, int(high or 0) - int(low or 0) + 1)
             res = await conn.execute(
                 G.update()

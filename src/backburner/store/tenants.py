@@ -246,12 +246,18 @@ class Tenants:
     async def _batch_lines_in_flight(self, conn: AsyncConnection, tenant: str) -> int:
         rows = (
             await conn.execute(
-                sa.select(B.c.total, B.c.completed, B.c.failed, files.c.lines)
+                sa.select(B.c.total, B.c.completed, B.c.failed, files.c.lines, B.c.status)
                 .select_from(B.outerjoin(files, files.c.id == B.c.input_file_id))
                 .where(B.c.tenant == tenant, one_of(B.c.status, LINES_IN_FLIGHT))
             )
         ).all()
-        return sum(max(0, int(r[0] or r[3] or 0) - int(r[1]) - int(r[2])) for r in rows)
+        # a batch still validating counts as its file's lines, at least one (as it was admitted)
+        return sum(
+            max(1, int(r[3] or 0))
+            if r[4] == BatchStatus.VALIDATING.value
+            else max(0, int(r[0] or 0) - int(r[1]) - int(r[2]))
+            for r in rows
+        )
 
     async def check_realtime(self, tenant: str, pending_tokens: int = 0) -> None:
         """A realtime request of ``tenant``: refused when disabled, over today's tokens

@@ -8,6 +8,7 @@ or not at all. Realtime requests have no such transaction: each process tallies 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -162,6 +163,8 @@ class RealtimeUsage:
     def __init__(self, store_usage: Usage) -> None:
         self._usage = store_usage
         self._tally = Tally()
+        # one flush at a time: a flush returns once everything tallied before it is written
+        self._flushing = asyncio.Lock()
 
     def record(
         self, tenant: str, model: str, *, failed: bool, response: Mapping[str, Any] | None
@@ -190,6 +193,10 @@ class RealtimeUsage:
         )
 
     async def flush(self) -> None:
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         tally, self._tally = self._tally, Tally()
         if not tally:
             return
