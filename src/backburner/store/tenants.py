@@ -32,12 +32,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from backburner.core.clock import utcnow
-from backburner.core.states import BATCH_RUNNING, UNFINISHED, BatchStatus, State
+from backburner.core.states import BATCH_RUNNING, BatchStatus
 from backburner.errors import Conflict, NotFound, TenantDisabled, TooManyRequests
 from backburner.schemas.tenants import Limit, Limits, Tenant
-from backburner.store import rates
+from backburner.store import rates, requeue
 from backburner.store.base import Database, one_of
-from backburner.store.queue import HELD, fair_keys, floor_key, step_for
+from backburner.store.queue import fair_keys, step_for
 from backburner.store.tables import batches, files, generations, tenants
 from backburner.store.usage import Usage, day_of
 
@@ -384,125 +384,23 @@ class Tenants:
         # every writer locks them in)
         self.forget(tenant)
         if weight is not None and step_for(weight) != step_for(old_weight):
-            await self._rescale(tenant, step_for(old_weight), step_for(weight))
+            await requeue.rescale(self._db, tenant, step_for(old_weight), step_for(weight))
         if disabled is True:
             await self.hold(tenant)
         elif disabled is False and was_disabled:
-            await self._release(tenant)
+            await requeue.release(self._db, tenant)
         return await self.get(tenant)
 
     async def hold(self, tenant: str) -> int:
         """Hold ``tenant``'s queued work (idempotent); returns how many were moved."""
-        async with self._db.writer.begin() as conn:
-            res = await conn.execute(
-                G.update()
-                .where(G.c.tenant == tenant, G.c.state == State.QUEUED.value, G.c.fair_key < HELD)
-                .values(fair_key=G.c.fair_key + HELD)
-            )
-        return int(res.rowcount)
+        return await requeue.hold(self._db, tenant)
 
     async def hold_disabled(self) -> int:
         """Hold what reached the queue of a disabled tenant since (a retry of work that was
         running when it was disabled, lines of a batch loading then); worker maintenance."""
-        async with self._db.reader.connect() as conn:
-            off = (
-                (await conn.execute(sa.select(T.c.tenant).where(T.c.disabled_at.is_not(None))))
-                .scalars()
-                .all()
-            )
-        return sum([await self.hold(t) for t in off])
-
-    async def _release(self, tenant: str) -> None:
-        async with self._db.writer.begin() as conn:
-            floor = await floor_key(conn)
-            first = (
-                await conn.execute(
-                    sa.select(sa.func.min(G.c.fair_key)).where(
-                        G.c.tenant == tenant, G.c.state == State.QUEUED.value, G.c.fair_key >= HELD
-                    )
-                )
-            ).scalar_one()
-            if first is None:
-                return
-            delta = int(first) - floor
-            await conn.execute(
-                G.update()
-                .where(G.c.tenant == tenant, G.c.state == State.QUEUED.value, G.c.fair_key >= HELD)
-                .values(fair_key=G.c.fair_key - delta)
-            )
-            last = (
-                await conn.execute(
-                    sa.select(sa.func.max(G.c.fair_key)).where(
-                        G.c.tenant == tenant, G.c.state == State.QUEUED.value, G.c.fair_key < HELD
-                    )
-                )
-            ).scalar_one()
-            await conn.execute(
-                T.update().where(T.c.tenant == tenant).values(vclock=int(last or floor))
-            )
-
-    async def _rescale(self, tenant: str, old: int, new: int) -> None:
-        """Re-space ``tenant``'s queued keys (and its loading batches' keys) from ``old`` to
-        ``new`` apart, measured from the floor: its place in the fair order changes now, not
-        once its backlog has drained."""
-        async with self._db.writer.begin() as conn:
-            floor = await floor_key(conn)
-            await conn.execute(
-                G.update()
-                .where(
-                    G.c.tenant == tenant,
-                    G.c.state == State.QUEUED.value,
-                    G.c.fair_key >= floor,
-                    G.c.fair_key < HELD,
-                )
-                .values(fair_key=floor + ((G.c.fair_key - floor) * new) // old)
-            )
-            running = (
-                await conn.execute(
-                    sa.select(B.c.id, B.c.fair_start).where(
-                        B.c.tenant == tenant,
-                        one_of(B.c.status, BATCH_RUNNING),
-                        B.c.fair_start.is_not(None),
-                    )
-                )
-            ).all()
-            for bid, start in running:
-                await conn.execute(
-                    B.update()
-                    .where(B.c.id == bid)
-                    .values(fair_start=floor + (int(start) - floor) * new // old, fair_step=new)
-                )
-            vclock = (
-                await conn.execute(sa.select(T.c.vclock).where(T.c.tenant == tenant))
-            ).scalar_one()
-            if vclock > floor:
-                await conn.execute(
-                    T.update()
-                    .where(T.c.tenant == tenant)
-                    .values(vclock=floor + (int(vclock) - floor) * new // old)
-                )
+        return await requeue.hold_disabled(self._db)
 
     async def recount(self, tenant: str | None = None) -> int:
         """Set ``open_generations`` from the generations themselves (a repair: the count is
         kept in step by every path that opens or finishes work). Returns the tenants fixed."""
-        fixed = 0
-        async with self._db.writer.begin() as conn:
-            q = sa.select(T.c.tenant, T.c.open_generations).with_for_update()
-            if tenant is not None:
-                q = q.where(T.c.tenant == tenant)
-            for name, kept in (await conn.execute(q)).all():
-                real = (
-                    await conn.execute(
-                        sa.select(sa.func.count()).where(
-                            G.c.tenant == name,
-                            one_of(G.c.state, UNFINISHED),
-                            G.c.batch_id.is_(None),
-                        )
-                    )
-                ).scalar_one()
-                if int(real) != int(kept):
-                    fixed += 1
-                    await conn.execute(
-                        T.update().where(T.c.tenant == name).values(open_generations=int(real))
-                    )
-        return fixed
+        return await requeue.recount(self._db, tenant)
