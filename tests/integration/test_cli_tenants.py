@@ -165,7 +165,7 @@ def test_recount_repairs_open_generations(bb: Bb) -> None:
 
     async def drift(store: Store) -> None:
         async with store.engine.begin() as conn:
-            await conn.execute(tenants.update().values(open_generations=7))
+            await conn.execute(tenants.update().values(accepted_generations=7))
 
     on_store(bb.url, drift)
     assert bb.json("tenants", "show", "acme")["open_generations"] == 7

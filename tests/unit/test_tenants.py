@@ -278,7 +278,7 @@ async def test_recount_repairs_a_drifted_count(store: Store) -> None:
     await submit(store)
     await group(store, 2)
     async with store.engine.begin() as conn:
-        await conn.execute(sa.text("UPDATE tenants SET open_generations = 7"))
+        await conn.execute(sa.text("UPDATE tenants SET accepted_generations = 7"))
     assert await store.tenants.recount("t2") == 0  # no such tenant: nothing to fix
     assert await store.tenants.recount("t1") == 1
     assert await assert_open_in_step(store) == 3
@@ -809,6 +809,14 @@ async def test_fair_keys_are_a_weight_step_apart(store: Store) -> None:
     held = await fair_keys_of(store, [g.id for g in gens])
     assert all(k >= HELD for k in held)
     assert [k - held[0] for k in held] == [0, FAIR_STEP // 4, 2 * FAIR_STEP // 4]
+    # a new weight while disabled re-spaces the held work too: enabled, it takes its new share
+    await store.tenants.update("a", weight=1)
+    held = await fair_keys_of(store, [g.id for g in gens])
+    assert all(k >= HELD for k in held)
+    assert [k - held[0] for k in held] == [0, FAIR_STEP, 2 * FAIR_STEP]
+    await store.tenants.update("a", disabled=False)
+    keys = await fair_keys_of(store, [g.id for g in gens])
+    assert [k - keys[0] for k in keys] == [0, FAIR_STEP, 2 * FAIR_STEP] and keys[0] < HELD
 
 
 # -- usage ------------------------------------------------------------------------------------

@@ -128,7 +128,11 @@ async def _stream(
 
 async def _admit(ctx: AppState, tenant_id: str) -> None:
     """The tenant's realtime limits (:meth:`~backburner.store.tenants.Tenants.check_realtime`)."""
-    pending = ctx.realtime_usage.pending(tenant_id) if ctx.realtime_usage is not None else 0
+    tally = ctx.realtime_usage
+
+    def pending() -> int:  # read only when the tenant has a tokens_per_day limit
+        return tally.pending(tenant_id) if tally is not None else 0
+
     await ctx.store.tenants.check_realtime(tenant_id, pending)
 
 

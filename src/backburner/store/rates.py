@@ -30,17 +30,45 @@ async def take(
     if per_minute <= 0:
         return float("inf")
     interval = PERIOD / per_minute
-    await db.insert_ignore(conn, R, {"tenant": tenant, "bucket": bucket, "tat": 0.0})
     now_p = sa.bindparam("now", now, type_=sa.Float)
     new_tat = sa.case((R.c.tat > now_p, R.c.tat), else_=now_p) + interval
-    res = await conn.execute(
+    take_one = (
         R.update()
         .where(R.c.tenant == tenant, R.c.bucket == bucket, new_tat - now_p <= PERIOD + _EPS)
         .values(tat=new_tat)
     )
-    if res.rowcount == 1:
+    if (await conn.execute(take_one)).rowcount == 1:  # the usual case: one statement
         return None
     tat = (
         await conn.execute(sa.select(R.c.tat).where(R.c.tenant == tenant, R.c.bucket == bucket))
-    ).scalar_one()
+    ).scalar_one_or_none()
+    if tat is None:  # the tenant's first request of this kind
+        await db.insert_ignore(conn, R, {"tenant": tenant, "bucket": bucket, "tat": 0.0})
+        if (await conn.execute(take_one)).rowcount == 1:
+            return None
+        tat = (
+            await conn.execute(sa.select(R.c.tat).where(R.c.tenant == tenant, R.c.bucket == bucket))
+        ).scalar_one()
     return max(0.0, float(tat) + interval - PERIOD - now)
+
+
+class LocalCells:
+    """The same cells in this process's memory (bounded): SQLite's realtime limit, where a
+    write per request would queue behind the worker's on the one writer."""
+
+    def __init__(self, max_cells: int = 100_000) -> None:
+        self._tat: dict[str, float] = {}
+        self._max = max_cells
+
+    def take(self, key: str, per_minute: int, now: float) -> float | None:
+        if per_minute <= 0:
+            return float("inf")
+        interval = PERIOD / per_minute
+        new_tat = max(self._tat.get(key, 0.0), now) + interval
+        if new_tat - now > PERIOD + _EPS:
+            return max(0.0, new_tat - PERIOD - now)
+        if len(self._tat) >= self._max:
+            # the cells that are full again (tat in the past) mean nothing: drop them
+            self._tat = {k: t for k, t in self._tat.items() if t > now}
+        self._tat[key] = new_tat
+        return None

@@ -13,9 +13,10 @@ import sqlalchemy as sa
 from backburner.core.states import BATCH_RUNNING, UNFINISHED, State
 from backburner.store.base import Database, one_of
 from backburner.store.queue import HELD, floor_key
-from backburner.store.tables import batches, generations, tenants
+from backburner.store.tables import batches, generations, tenant_finished, tenants
 
 T = tenants
+F = tenant_finished
 G = generations
 B = batches
 
@@ -87,6 +88,14 @@ async def rescale(db: Database, tenant: str, old: int, new: int) -> None:
             )
             .values(fair_key=floor + ((G.c.fair_key - floor) * new) // old)
         )
+        held = (G.c.tenant == tenant, G.c.state == State.QUEUED.value, G.c.fair_key >= HELD)
+        first = (await conn.execute(sa.select(sa.func.min(G.c.fair_key)).where(*held))).scalar()
+        if first is not None:  # held work (a disabled tenant's) keeps its own order, re-spaced
+            await conn.execute(
+                G.update()
+                .where(*held)
+                .values(fair_key=int(first) + ((G.c.fair_key - int(first)) * new) // old)
+            )
         running = (
             await conn.execute(
                 sa.select(B.c.id, B.c.fair_start).where(
@@ -114,26 +123,39 @@ async def rescale(db: Database, tenant: str, old: int, new: int) -> None:
 
 
 async def recount(db: Database, tenant: str | None = None) -> int:
-    """Set ``open_generations`` from the generations themselves (a repair: the count is
-    kept in step by every path that opens or finishes work). Returns the tenants fixed."""
+    """Set ``accepted_generations`` so that accepted minus finished is what is open now (a
+    repair: the counts are kept in step by every path that opens or finishes work). Returns the
+    tenants fixed. The tenants' rows are locked first (submissions wait); the open count and
+    the finished count are read in one statement, so a finish committing meanwhile is in both
+    or in neither."""
     fixed = 0
     async with db.writer.begin() as conn:
-        q = sa.select(T.c.tenant, T.c.open_generations).with_for_update()
+        q = sa.select(T.c.tenant, T.c.accepted_generations).with_for_update()
         if tenant is not None:
             q = q.where(T.c.tenant == tenant)
-        for name, kept in (await conn.execute(q)).all():
-            real = (
+        for name, accepted in (await conn.execute(q)).all():
+            real, done = (
                 await conn.execute(
-                    sa.select(sa.func.count()).where(
-                        G.c.tenant == name,
-                        one_of(G.c.state, UNFINISHED),
-                        G.c.batch_id.is_(None),
+                    sa.select(
+                        sa.select(sa.func.count())
+                        .where(
+                            G.c.tenant == name,
+                            one_of(G.c.state, UNFINISHED),
+                            G.c.batch_id.is_(None),
+                        )
+                        .scalar_subquery(),
+                        sa.func.coalesce(
+                            sa.select(F.c.finished).where(F.c.tenant == name).scalar_subquery(),
+                            0,
+                        ),
                     )
                 )
-            ).scalar_one()
-            if int(real) != int(kept):
+            ).one()
+            if int(accepted) != int(real) + int(done):
                 fixed += 1
                 await conn.execute(
-                    T.update().where(T.c.tenant == name).values(open_generations=int(real))
+                    T.update()
+                    .where(T.c.tenant == name)
+                    .values(accepted_generations=int(real) + int(done))
                 )
     return fixed

@@ -55,7 +55,7 @@ class Store:
         self.idempotency = IdempotencyKeys(db)
         self.webhooks = Webhooks(db)
         self.outbox = Outbox(db, self.webhooks)
-        terminal = Terminal(self.outbox)
+        terminal = Terminal(self.outbox, db)
         self.usage = Usage(db)
         self.tenants = Tenants(db, self.usage, limits)
         self.generations = Generations(db, terminal, self.idempotency, self.tenants)

@@ -73,9 +73,21 @@ tenants = sa.Table(
     sa.Column("limits", sa.Text(), nullable=True),
     # disabled: its keys stop working, its queued work is held (store/tenants.py)
     sa.Column("disabled_at", UTCDateTime(), nullable=True),
-    # slow and group generations Queued or In Progress (max_queued_generations)
-    sa.Column("open_generations", sa.BigInteger(), nullable=False, server_default="0"),
+    # slow and group generations ever accepted (max_queued_generations: open is this minus
+    # tenant_finished.finished; raised under this row's lock by each submission)
+    sa.Column("accepted_generations", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("created_at", UTCDateTime(), nullable=True),
+)
+
+# How many of a tenant's slow and group generations became terminal: a row apart from the
+# tenant's, so that finishing work never waits on a submission's lock of that row (a submission
+# reading a count a finish has not yet committed sees more open than there is: it may refuse a
+# moment early, never accept too much)
+tenant_finished = sa.Table(
+    "tenant_finished",
+    metadata,
+    sa.Column("tenant", sa.String(128), primary_key=True),
+    sa.Column("finished", sa.BigInteger(), nullable=False, server_default="0"),
 )
 
 # Requests per minute, counted in the database so that every API process shares them: one row

@@ -7,8 +7,9 @@ roll back together, so two API processes racing for a tenant's last unit of a li
 win (PostgreSQL serialises them on the row lock, SQLite on its one writer). What is refused
 stores nothing.
 
-- ``max_queued_generations``: the row's ``open_generations``, raised here and lowered by
-  :class:`~backburner.store.terminal.Terminal` when a generation becomes terminal;
+- ``max_queued_generations``: the row's ``accepted_generations``, raised here, less
+  ``tenant_finished.finished``, raised by :class:`~backburner.store.terminal.Terminal` when a
+  generation becomes terminal (a row of its own: finishing never waits on a submission);
 - ``max_batch_lines_in_flight``: the lines of the tenant's unfinished batches;
 - ``requests_per_minute``: a GCRA cell per tenant in ``rate_limits`` (:mod:`.rates`);
 - ``tokens_per_day``: today's row sums in ``usage`` (:mod:`.usage`).
@@ -24,6 +25,7 @@ import builtins
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -38,8 +40,8 @@ from backburner.schemas.tenants import Limit, Limits, Tenant
 from backburner.store import rates, requeue
 from backburner.store.base import Database, one_of
 from backburner.store.queue import fair_keys, step_for
-from backburner.store.tables import batches, files, generations, tenants
-from backburner.store.usage import Usage, day_of
+from backburner.store.tables import batches, files, generations, tenant_finished, tenants
+from backburner.store.usage import Tally, Usage, day_of
 
 T = tenants
 G = generations
@@ -62,6 +64,16 @@ class Admitted:
     step: int
 
 
+F = tenant_finished
+# a tenant's row with how many of its generations finished (open = accepted - finished)
+_ROW = sa.select(
+    T,
+    sa.func.coalesce(
+        sa.select(F.c.finished).where(F.c.tenant == T.c.tenant).scalar_subquery(), 0
+    ).label("finished"),
+)
+
+
 def _tenant(row: Any, defaults: Limits) -> Tenant:
     m = row._mapping
     own: dict[str, Limit] = json.loads(m["limits"]) if m["limits"] else {}
@@ -73,7 +85,7 @@ def _tenant(row: Any, defaults: Limits) -> Tenant:
         created_at=m["created_at"],
         limits=own,
         effective_limits=defaults.merged(own),
-        open_generations=int(m["open_generations"]),
+        open_generations=int(m["accepted_generations"]) - int(m["finished"]),
     )
 
 
@@ -96,6 +108,11 @@ class Tenants:
         self.defaults = defaults or Limits()
         # tenant -> (read at, record): realtime checks read a tenant at most once a second
         self._cache: dict[str, tuple[float, Tenant | None]] = {}
+        # tenant -> (day, read at, tokens used that day): and its tokens as often
+        self._tokens_seen: dict[str, tuple[str, float, int]] = {}
+        usage.on_written.append(self._tokens_written)
+        # SQLite's realtime requests per minute, counted in this process
+        self._local = rates.LocalCells()
 
     # -- admission ----------------------------------------------------------------------------
 
@@ -103,7 +120,7 @@ class Tenants:
         await self._db.insert_ignore(
             conn, T, {"tenant": tenant, "vclock": 0, "weight": 1.0, "created_at": now}
         )
-        q = sa.select(T).where(T.c.tenant == tenant).with_for_update()
+        q = _ROW.where(T.c.tenant == tenant).with_for_update(of=T)
         return (await conn.execute(q)).one()
 
     async def admit(
@@ -170,7 +187,7 @@ class Tenants:
         await conn.execute(
             T.update()
             .where(T.c.tenant == tenant)
-            .values(open_generations=T.c.open_generations + generations)
+            .values(accepted_generations=T.c.accepted_generations + generations)
         )
         first = await fair_keys(conn, tenant, generations, int(row._mapping["vclock"]), step)
         return Admitted(first, step)
@@ -217,8 +234,13 @@ class Tenants:
         if per_minute is None:
             return
         wait = await rates.take(self._db, conn, tenant, bucket, per_minute, now.timestamp())
+        self._refuse_rate(tenant, bucket, per_minute, wait)
+
+    @staticmethod
+    def _refuse_rate(tenant: str, bucket: Bucket, per_minute: int, wait: float | None) -> None:
         if wait is None:
             return
+        name = "requests_per_minute" if bucket == "submit" else "realtime_requests_per_minute"
         what = "submissions" if bucket == "submit" else "realtime requests"
         raise TooManyRequests(
             f"tenant '{tenant}' has reached its limit of {per_minute} {what} per minute"
@@ -235,13 +257,19 @@ class Tenants:
         if cap is None:
             return
         used = await self._usage.tokens_on(conn, tenant, day_of(now)) + extra
-        if used >= cap:
-            raise TooManyRequests(
-                f"tenant '{tenant}' has used {used} of its {cap} tokens today (tokens_per_day ="
-                f" {cap}); the count starts again at 00:00 UTC.",
-                limit="tokens_per_day",
-                retry_after=_seconds_to_midnight(now),
-            )
+        self._refuse_tokens(tenant, cap, used, now)
+
+    @staticmethod
+    def _refuse_tokens(tenant: str, cap: int, used: int, now: datetime) -> None:
+        if used < cap:
+            return
+        raise TooManyRequests(
+            f"tenant '{tenant}' has used {used} of its {cap} tokens today (tokens_per_day ="
+            f" {cap})"
+            + ("; the count starts again at 00:00 UTC." if cap else ": none are allowed."),
+            limit="tokens_per_day",
+            retry_after=_seconds_to_midnight(now) if cap else None,
+        )
 
     async def _batch_lines_in_flight(self, conn: AsyncConnection, tenant: str) -> int:
         rows = (
@@ -259,11 +287,15 @@ class Tenants:
             for r in rows
         )
 
-    async def check_realtime(self, tenant: str, pending_tokens: int = 0) -> None:
+    async def check_realtime(
+        self, tenant: str, pending_tokens: int | Callable[[], int] = 0
+    ) -> None:
         """A realtime request of ``tenant``: refused when disabled, over today's tokens
         (``pending_tokens``: this process's, not yet written) or over its realtime requests per
-        minute. Reads the tenant at most once a second; writes only when a per-minute limit
-        applies."""
+        minute. Reads the tenant and its tokens at most once a second. The per-minute count is
+        the database's on PostgreSQL (one small write, not waiting for the disk), this
+        process's on SQLite (a write there would queue behind the worker's on the one
+        writer)."""
         t = await self.cached(tenant)
         if t is None:
             t = Tenant(
@@ -273,10 +305,42 @@ class Tenants:
             raise TenantDisabled(tenant)
         lim = t.effective_limits
         now = utcnow()
-        await self._tokens(None, tenant, lim, now, pending_tokens)
-        if lim.realtime_requests_per_minute is not None:
-            async with self._db.writer.begin() as conn:
-                await self._rate(conn, tenant, "realtime", lim, now)
+        if lim.tokens_per_day is not None:
+            extra = pending_tokens() if callable(pending_tokens) else pending_tokens
+            used = await self._tokens_today(tenant, now)
+            self._refuse_tokens(tenant, lim.tokens_per_day, used + extra, now)
+        per_minute = lim.realtime_requests_per_minute
+        if per_minute is None:
+            return
+        if self._db.sqlite:
+            self._refuse_rate(
+                tenant,
+                "realtime",
+                per_minute,
+                self._local.take(tenant, per_minute, now.timestamp()),
+            )
+            return
+        async with self._db.writer.begin() as conn:
+            # losing the last moments of a rate cell in a crash is harmless: no flush waited for
+            await conn.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
+            await self._rate(conn, tenant, "realtime", lim, now)
+
+    def _tokens_written(self, tally: Tally) -> None:
+        """Tokens written by this process: its cached counts of them are stale."""
+        for tenant, *_ in tally.counts:
+            self._tokens_seen.pop(tenant, None)
+
+    async def _tokens_today(self, tenant: str, now: datetime) -> int:
+        day = day_of(now)
+        seen = self._tokens_seen.get(tenant)
+        mono = time.monotonic()
+        if seen is not None and seen[0] == day and mono - seen[1] < 1.0:
+            return seen[2]
+        used = await self._usage.tokens_on(None, tenant, day)
+        if len(self._tokens_seen) > 10_000:
+            self._tokens_seen.clear()
+        self._tokens_seen[tenant] = (day, mono, used)
+        return used
 
     async def cached(self, tenant: str, max_age: float = 1.0) -> Tenant | None:
         seen = self._cache.get(tenant)
@@ -300,7 +364,7 @@ class Tenants:
 
     async def find(self, tenant: str) -> Tenant | None:
         async with self._db.reader.connect() as conn:
-            row = (await conn.execute(sa.select(T).where(T.c.tenant == tenant))).first()
+            row = (await conn.execute(_ROW.where(T.c.tenant == tenant))).first()
         return None if row is None else _tenant(row, self.defaults)
 
     async def get(self, tenant: str) -> Tenant:
@@ -330,14 +394,14 @@ class Tenants:
                     weight=weight,
                     limits=json.dumps(limits) if limits else None,
                     created_at=now,
-                    open_generations=0,
+                    accepted_generations=0,
                 )
             )
         self.forget(tenant)
         return await self.get(tenant)
 
     async def list(self, *, after: str | None = None, limit: int = 100) -> builtins.list[Tenant]:
-        q = sa.select(T).order_by(T.c.tenant).limit(limit)
+        q = _ROW.order_by(T.c.tenant).limit(limit)
         if after is not None:
             q = q.where(T.c.tenant > after)
         async with self._db.reader.connect() as conn:

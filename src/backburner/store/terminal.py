@@ -11,7 +11,8 @@ request kept for its webhook. That is where
   completes the group (and queues ``slow-group.completed``);
 - each batch counts completed and failed requests; the one that brings ``pending`` to 0 moves the
   batch to ``finalizing`` (a batch being cancelled stays ``cancelling`` until its files exist);
-- each tenant's count of open slow and group generations (``max_queued_generations``) goes down.
+- each tenant's count of finished slow and group generations goes up (``max_queued_generations``
+  counts what is open: accepted minus finished).
 
 The counters are UPDATEs of the group or batch row, so concurrent finishers serialise on that row
 and exactly one of them sees ``pending`` reach zero.
@@ -35,10 +36,10 @@ from backburner.core.states import (
     sources,
 )
 from backburner.store import codec
-from backburner.store.base import one_of
+from backburner.store.base import Database, one_of
 from backburner.store.outbox import Outbox
 from backburner.store.queue import group_counts
-from backburner.store.tables import batches, generations, groups, tenants
+from backburner.store.tables import batches, generations, groups, tenant_finished
 
 B = batches
 G = generations
@@ -47,8 +48,9 @@ G = generations
 class Terminal:
     """Runs on the caller's connection, inside the transaction that made the change."""
 
-    def __init__(self, outbox: Outbox) -> None:
+    def __init__(self, outbox: Outbox, db: Database) -> None:
         self._outbox = outbox
+        self._db = db
 
     async def generations_finished(
         self,
@@ -89,12 +91,15 @@ class Terminal:
         if per_batch:
             await self.batch_generations_finished(conn, per_batch, now)
         completed = await self._groups_finished(conn, per_group, now)
-        for tenant, n in sorted(per_tenant.items()):  # after the group and batch rows, sorted
-            await conn.execute(
-                tenants.update()
-                .where(tenants.c.tenant == tenant)
-                .values(open_generations=tenants.c.open_generations - n)
-            )
+        # after the group and batch rows, in tenant order; not the tenant's own row (a
+        # submission holds that one while it inserts)
+        await self._db.upsert_add(
+            conn,
+            tenant_finished,
+            [{"tenant": t, "finished": n} for t, n in per_tenant.items()],
+            ("tenant",),
+            ("finished",),
+        )
         return completed
 
     async def batch_generations_finished(

@@ -92,12 +92,25 @@ class Tally:
 class Usage:
     def __init__(self, db: Database) -> None:
         self._db = db
-        #: told of each tally once it is committed (the process's metrics)
+        #: told of each request counted (the process's metrics): background work once its
+        #: outcome is committed, a realtime request when it ends
         self.observer: Callable[[Tally], None] | None = None
+        #: told of each tally once it is in the table (cached token counts are stale)
+        self.on_written: list[Callable[[Tally], None]] = []
 
-    def committed(self, tally: Tally) -> None:
+    def observe(self, tally: Tally) -> None:
         if self.observer is not None and tally:
             self.observer(tally)
+
+    def committed(self, tally: Tally) -> None:
+        """``tally`` was added on a transaction that has committed."""
+        self.observe(tally)
+        self._written(tally)
+
+    def _written(self, tally: Tally) -> None:
+        if tally:
+            for fn in self.on_written:
+                fn(tally)
 
     async def add_on(self, conn: AsyncConnection, tally: Tally) -> None:
         """Add ``tally`` on the caller's transaction."""
@@ -106,6 +119,7 @@ class Usage:
     async def add(self, tally: Tally) -> None:
         async with self._db.writer.begin() as conn:
             await self.add_on(conn, tally)
+        self._written(tally)
 
     async def tokens_on(self, conn: AsyncConnection | None, tenant: str, day: str) -> int:
         """Prompt plus completion tokens of ``tenant`` on ``day``, every model and lane."""
@@ -182,7 +196,7 @@ class RealtimeUsage:
                 prompt_tokens=prompt,
                 completion_tokens=completion,
             )
-        self._usage.committed(one)
+        self._usage.observe(one)
         return len(self._tally) >= MAX_KEYS
 
     def pending(self, tenant: str) -> int:

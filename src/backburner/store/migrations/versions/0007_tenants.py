@@ -30,7 +30,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("limits", sa.Text(), nullable=True))
         batch_op.add_column(sa.Column("disabled_at", sa.DateTime(), nullable=True))
         batch_op.add_column(
-            sa.Column("open_generations", sa.BigInteger(), nullable=False, server_default="0")
+            sa.Column("accepted_generations", sa.BigInteger(), nullable=False, server_default="0")
         )
         batch_op.add_column(sa.Column("created_at", sa.DateTime(), nullable=True))
     with op.batch_alter_table("batches", schema=None) as batch_op:
@@ -41,6 +41,12 @@ def upgrade() -> None:
         sa.Column("bucket", sa.String(16), nullable=False),
         sa.Column("tat", sa.Float(), nullable=False),
         sa.PrimaryKeyConstraint("tenant", "bucket", name="pk_rate_limits"),
+    )
+    op.create_table(
+        "tenant_finished",
+        sa.Column("tenant", sa.String(128), nullable=False),
+        sa.Column("finished", sa.BigInteger(), nullable=False, server_default="0"),
+        sa.PrimaryKeyConstraint("tenant", name="pk_tenant_finished"),
     )
     op.create_table(
         "usage",
@@ -64,13 +70,14 @@ def upgrade() -> None:
     )
     # a tenant exists once it has a key or submitted: rows for the tenants of keys
     op.execute(
-        "INSERT INTO tenants (tenant, vclock, weight, open_generations)"
+        "INSERT INTO tenants (tenant, vclock, weight, accepted_generations)"
         " SELECT DISTINCT k.tenant, 0, 1, 0 FROM api_keys k"
         " WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.tenant = k.tenant)"
     )
-    # every tenant with open work has a row (submitting made one); count what it has open
+    # every tenant with open work has a row (submitting made one); count what it has open (as
+    # accepted, none finished yet)
     op.execute(
-        "UPDATE tenants SET open_generations = (SELECT count(*) FROM generations g"
+        "UPDATE tenants SET accepted_generations = (SELECT count(*) FROM generations g"
         f" WHERE g.tenant = tenants.tenant AND g.state IN {OPEN} AND g.batch_id IS NULL)"
     )
 
@@ -82,11 +89,12 @@ def downgrade() -> None:
     op.drop_index("ix_usage_day", table_name="usage")
     op.drop_table("usage")
     op.drop_table("rate_limits")
+    op.drop_table("tenant_finished")
     with op.batch_alter_table("batches", schema=None) as batch_op:
         batch_op.drop_column("fair_step")
     with op.batch_alter_table("tenants", schema=None) as batch_op:
         batch_op.drop_column("created_at")
-        batch_op.drop_column("open_generations")
+        batch_op.drop_column("accepted_generations")
         batch_op.drop_column("disabled_at")
         batch_op.drop_column("limits")
         batch_op.drop_column("weight")
