@@ -163,6 +163,26 @@ async def stores(store: Store, db_url: str) -> AsyncIterator[Callable[..., list[
 # -- max_queued_generations -------------------------------------------------------------------
 
 
+async def test_a_full_queue_says_when_to_retry_at_the_tenant_s_pace(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retry-After of a full queue: how long the tenant's own finishing pace (its finished
+    count, sampled as this process admits it) needs to make room; no query per refusal."""
+    clock = [1000.0]
+    monkeypatch.setattr("backburner.store.tenants._monotonic", lambda: clock[0])
+    store.tenants.defaults = Limits(max_queued_generations=4)
+    ids = [await submit(store) for _ in range(4)]  # sampled at t=0: 0 finished
+    got = await claim(store, 2)
+    await finish_as(store, "w1", [ok(g.id) for g in got])  # 2 finished
+    clock[0] += 20.0
+    await submit(store)  # sampled at t=20: 2 finished; open 3
+    await submit(store)  # open 4
+    with pytest.raises(TooManyRequests) as err:
+        await group(store, 3)  # needs 3 places: at 2 per 20 s, 30 s
+    assert err.value.retry_after == pytest.approx(30.0)
+    assert len(ids) == 4
+
+
 async def test_queue_limit_refuses_the_next_submit_and_stores_nothing(store: Store) -> None:
     store.tenants.defaults = Limits(max_queued_generations=3)
     for _ in range(3):

@@ -50,6 +50,7 @@ B = batches
 #: PACE_SECONDS (this many seconds when nothing finished then), at most MAX_QUEUE_WAIT
 QUEUE_RETRY_AFTER = 10.0
 PACE_SECONDS = 60.0
+PACE_SAMPLE_SECONDS = 5.0
 MAX_QUEUE_WAIT = 300.0
 Bucket = Literal["submit", "realtime"]
 #: a batch whose lines count against max_batch_lines_in_flight
@@ -89,6 +90,10 @@ def _tenant(row: Any, defaults: Limits) -> Tenant:
     )
 
 
+def _monotonic() -> float:
+    return time.monotonic()
+
+
 def _seconds_to_midnight(now: datetime) -> float:
     tomorrow = (now.astimezone(UTC) + timedelta(days=1)).replace(
         hour=0, minute=0, second=0, microsecond=0
@@ -111,6 +116,8 @@ class Tenants:
         # tenant -> (day, read at, tokens used that day): and its tokens as often
         self._tokens_seen: dict[str, tuple[str, float, int]] = {}
         usage.on_written.append(self._tokens_written)
+        # tenant -> [(monotonic time, finished count)]: the pace a full queue's Retry-After uses
+        self._finished_seen: dict[str, list[tuple[float, int]]] = {}
         # SQLite's realtime requests per minute, counted in this process
         self._local = rates.LocalCells()
 
@@ -146,12 +153,13 @@ class Tenants:
         await self._tokens(conn, tenant, lim, now)
         if generations and lim.max_queued_generations is not None:
             cap = lim.max_queued_generations
+            self._note_finished(tenant, int(row._mapping["finished"]))
             if t.open_generations + generations > cap:
                 fits = generations <= cap
                 wait = None
                 if fits:
                     need = t.open_generations + generations - cap
-                    wait = await self._queue_wait(conn, tenant, need, now)
+                    wait = self._queue_wait(tenant, need, int(row._mapping["finished"]))
                 raise TooManyRequests(
                     f"tenant '{tenant}' has reached its limit of {cap} queued generations"
                     f" (max_queued_generations = {cap}): {t.open_generations} are Queued or"
@@ -198,26 +206,34 @@ class Tenants:
         ).scalar_one_or_none()
         return at is not None
 
-    async def _queue_wait(
-        self, conn: AsyncConnection, tenant: str, need: int, now: datetime
-    ) -> float:
+    def _queue_wait(self, tenant: str, need: int, finished: int) -> float:
         """Seconds until ``need`` of ``tenant``'s open generations have finished, at the pace
-        of its last minute (:data:`QUEUE_RETRY_AFTER` when nothing finished in it), within 1 s
-        to 5 min."""
-        since = now - timedelta(seconds=PACE_SECONDS)
-        done = (
-            await conn.execute(
-                sa.select(sa.func.count()).where(
-                    G.c.tenant == tenant,
-                    G.c.finished_at >= since,
-                    G.c.batch_id.is_(None),
-                    G.c.attempts > 0,
-                )
-            )
-        ).scalar_one()
-        if not done:
+        its finished count grew over the last minute as this process saw it (no query: a
+        tenant at its limit may be refused many times a second), within 1 s to 5 min;
+        :data:`QUEUE_RETRY_AFTER` with no pace to go by."""
+        seen = self._finished_seen.get(tenant)
+        if not seen:
             return QUEUE_RETRY_AFTER
-        return min(MAX_QUEUE_WAIT, max(1.0, need * PACE_SECONDS / int(done)))
+        at, then = seen[0]
+        elapsed, done = _monotonic() - at, finished - then
+        if elapsed < 1.0 or done <= 0:
+            return QUEUE_RETRY_AFTER
+        return min(MAX_QUEUE_WAIT, max(1.0, need * elapsed / done))
+
+    def _note_finished(self, tenant: str, finished: int) -> None:
+        """A sample of ``tenant``'s finished count: at most one per PACE_SAMPLE_SECONDS, the
+        last minute's kept."""
+        now = _monotonic()
+        seen = self._finished_seen.get(tenant)
+        if seen is None:
+            if len(self._finished_seen) > 10_000:
+                self._finished_seen.clear()
+            seen = self._finished_seen[tenant] = []
+        if seen and now - seen[-1][0] < PACE_SAMPLE_SECONDS:
+            return
+        seen.append((now, finished))
+        while len(seen) > 2 and now - seen[1][0] >= PACE_SECONDS:
+            seen.pop(0)
 
     async def keys(self, conn: AsyncConnection, tenant: str, n: int) -> Admitted:
         """Fair keys for ``n`` lines of an admitted batch, on the caller's transaction."""
@@ -333,7 +349,7 @@ class Tenants:
     async def _tokens_today(self, tenant: str, now: datetime) -> int:
         day = day_of(now)
         seen = self._tokens_seen.get(tenant)
-        mono = time.monotonic()
+        mono = _monotonic()
         if seen is not None and seen[0] == day and mono - seen[1] < 1.0:
             return seen[2]
         used = await self._usage.tokens_on(None, tenant, day)
@@ -344,7 +360,7 @@ class Tenants:
 
     async def cached(self, tenant: str, max_age: float = 1.0) -> Tenant | None:
         seen = self._cache.get(tenant)
-        now = time.monotonic()
+        now = _monotonic()
         if seen is not None and now - seen[0] < max_age:
             return seen[1]
         found = await self.find(tenant)
