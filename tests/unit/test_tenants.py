@@ -696,19 +696,26 @@ async def test_enabled_work_takes_turns_with_work_already_queued(store: Store) -
     assert {order[2], order[3]} == {a[1], b[1]}
 
 
-async def test_hold_disabled_holds_work_requeued_after_disabling(store: Store) -> None:
-    gid = await submit(store, "a")
+async def test_work_requeued_after_disabling_goes_back_held(store: Store) -> None:
+    """A retry, work given back and a lost lease of a tenant disabled meanwhile come back to
+    the queue held (their UPDATE moves the key), not runnable until a later sweep."""
+    gid, kept, lost = [await submit(store, "a") for _ in range(3)]
     (g,) = await claim(store, 1)
+    (k,) = await store.work.claim("w2", [M], 1, 60)
+    (lo,) = await store.work.claim("w3", [M], 1, 0.01)
     await store.tenants.update("a", disabled=True)
-    # the run ends in a retry after the tenant was disabled: its key is a runnable one
+    # the run ends in a retry after the tenant was disabled
     await finish_as(store, "w1", [Outcome(gid, State.QUEUED, "retry later")])
-    assert await store.tenants.hold_disabled() == 1
-    assert await store.tenants.hold_disabled() == 0
+    assert await store.work.release({kept: "w2"}) == 1
+    await asyncio.sleep(0.05)
+    assert await store.work.recover_lost() == 1
+    assert all(key >= HELD for key in await fair_keys_of(store, [gid, kept, lost]))
+    assert (k.id, lo.id) == (kept, lost)
     other = await submit(store, "b")
     assert [x.id for x in await claim(store)] == [other]
     assert (await store.generations.get("a", gid)).state is State.QUEUED
     await store.tenants.update("a", disabled=False)
-    assert [x.id for x in await claim(store)] == [gid]
+    assert sorted(x.id for x in await claim(store)) == sorted([gid, kept, lost])
     assert g.attempts == 1
 
 

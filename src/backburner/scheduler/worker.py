@@ -452,8 +452,6 @@ class Worker:
             await self.on_groups_completed(completed)
         if expired and self.after_write is not None:
             self.after_write()
-        # a disabled tenant's work that reached the queue since (a retry, a batch's lines)
-        await self.store.tenants.hold_disabled()
         if recovered or expired:
             log.info("maintenance: %d recovered, %d expired", recovered, expired)
             self._wake.set()

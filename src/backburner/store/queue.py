@@ -39,6 +39,17 @@ FAIR_STEP = 1000
 HELD = 1 << 62
 
 
+def back_in_queue() -> sa.ColumnElement[int]:
+    """The fair key of work going back to the queue (a retry, a lease lost, work given back):
+    its own, moved above :data:`HELD` when its tenant is disabled meanwhile. Part of each such
+    UPDATE, so nothing has to sweep the queue for it later."""
+    off = sa.select(tenants.c.tenant).where(tenants.c.disabled_at.is_not(None))
+    return sa.case(
+        (sa.and_(G.c.fair_key < HELD, G.c.tenant.in_(off)), G.c.fair_key + HELD),
+        else_=G.c.fair_key,
+    )
+
+
 def step_for(weight: float) -> int:
     """The distance between a tenant's consecutive fair keys at ``weight``."""
     return max(1, round(FAIR_STEP / weight))

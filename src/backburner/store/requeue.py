@@ -32,18 +32,6 @@ async def hold(db: Database, tenant: str) -> int:
     return int(res.rowcount)
 
 
-async def hold_disabled(db: Database) -> int:
-    """Hold what reached the queue of a disabled tenant since (a retry of work that was
-    running when it was disabled, lines of a batch loading then); worker maintenance."""
-    async with db.reader.connect() as conn:
-        off = (
-            (await conn.execute(sa.select(T.c.tenant).where(T.c.disabled_at.is_not(None))))
-            .scalars()
-            .all()
-        )
-    return sum([await hold(db, t) for t in off])
-
-
 async def release(db: Database, tenant: str) -> None:
     async with db.writer.begin() as conn:
         floor = await floor_key(conn)

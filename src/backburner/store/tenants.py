@@ -475,11 +475,6 @@ class Tenants:
         """Hold ``tenant``'s queued work (idempotent); returns how many were moved."""
         return await requeue.hold(self._db, tenant)
 
-    async def hold_disabled(self) -> int:
-        """Hold what reached the queue of a disabled tenant since (a retry of work that was
-        running when it was disabled, lines of a batch loading then); worker maintenance."""
-        return await requeue.hold_disabled(self._db)
-
     async def recount(self, tenant: str | None = None) -> int:
         """Set ``open_generations`` from the generations themselves (a repair: the count is
         kept in step by every path that opens or finishes work). Returns the tenants fixed."""

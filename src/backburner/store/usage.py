@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from backburner.core.states import State
 from backburner.schemas.tenants import USAGE_KEYS, UsageKey, UsageRow
 from backburner.store.base import Database
 from backburner.store.tables import usage
@@ -72,6 +73,26 @@ class Tally:
         c[1] += int(failed)
         c[2] += prompt_tokens
         c[3] += completion_tokens
+
+    def outcome(
+        self,
+        row: Mapping[str, Any],
+        model: str,
+        day: str,
+        state: State,
+        response: Mapping[str, Any] | None,
+    ) -> None:
+        """One background generation's outcome: ``row`` holds its tenant, batch_id, group_id."""
+        prompt, completion = tokens_of(response)
+        self.add(
+            row["tenant"],
+            day,
+            model,
+            lane_of(row["batch_id"], row["group_id"]),
+            failed=state is State.FAILED,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+        )
 
     def rows(self) -> list[dict[str, Any]]:
         return [

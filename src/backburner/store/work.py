@@ -28,10 +28,10 @@ from backburner.schemas.generation import GenerationRecord
 from backburner.store import codec
 from backburner.store.base import Database, one_of, unreachable
 from backburner.store.idempotency import IdempotencyKeys
-from backburner.store.queue import HELD, TERMINAL_COLS
+from backburner.store.queue import HELD, TERMINAL_COLS, back_in_queue
 from backburner.store.tables import UTCDateTime, generations, groups
 from backburner.store.terminal import Terminal
-from backburner.store.usage import Tally, Usage, day_of, lane_of, tokens_of
+from backburner.store.usage import Tally, Usage, day_of
 
 G = generations
 #: deadlines closer than this count as the same (the lines of one batch, say)
@@ -343,16 +343,7 @@ class Work:
                     }
                 )
                 finished.append({**row, "state": o.state.value})
-                prompt, completion = tokens_of(o.response)
-                tally.add(
-                    row["tenant"],
-                    day,
-                    models[o.generation_id],
-                    lane_of(row["batch_id"], row["group_id"]),
-                    failed=o.state is State.FAILED,
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                )
+                tally.outcome(row, models[o.generation_id], day, o.state, o.response)
             if done:
                 await conn.execute(
                     G.update()
@@ -376,6 +367,7 @@ class Work:
                         available_at=sa.bindparam("b_at", type_=G.c.available_at.type),
                         # a claim counted this try; work given back unfinished uncounts it
                         attempts=G.c.attempts - sa.bindparam("b_uncount", type_=sa.Integer),
+                        fair_key=back_in_queue(),
                         **CLEARED,
                     ),
                     retry,
@@ -401,6 +393,7 @@ class Work:
                     state=State.QUEUED.value,
                     state_message=StateMessage.QUEUED,
                     attempts=sa.case((G.c.attempts > 0, G.c.attempts - 1), else_=0),
+                    fair_key=back_in_queue(),
                     **CLEARED,
                 )
             )
@@ -451,6 +444,7 @@ class Work:
                     state=State.QUEUED.value,
                     state_message=StateMessage.QUEUED,
                     available_at=now,
+                    fair_key=back_in_queue(),
                     **CLEARED,
                 )
             )
